@@ -1,0 +1,39 @@
+# Two commands for a new user: `make eval` and `make test`.  Both create
+# .venv on first use and install what is missing; a second run installs nothing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.holoprune-installed
+# CPU build of torch by default.  On a GPU machine, install a CUDA torch into
+# .venv first (README); an importable torch is never replaced.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: eval test lint bench sysdeps setup clean
+
+setup: sysdeps $(STAMP)
+
+sysdeps:
+	@bash .ci/sysdeps.sh
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[video,3d,dev]"
+	touch $(STAMP)
+
+eval: setup
+	$(PY) scripts/eval_scannet.py
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench: setup
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf $(VENV) results bench .pytest_cache

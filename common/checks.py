@@ -1,0 +1,105 @@
+"""Argument checks shared by every public function.
+
+Each raises ``ValueError`` / ``TypeError`` whose message names the argument
+and what was expected, so bad input never turns into a silent wrong result
+or an ``IndexError`` from deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "check_tensor",
+    "check_finite",
+    "check_ratio",
+    "check_count",
+    "budget",
+    "check_range",
+]
+
+
+def check_tensor(
+    name: str,
+    x: object,
+    ndim: int | tuple[int, ...] | None = None,
+    *,
+    floating: bool = False,
+    nonempty: bool = True,
+) -> torch.Tensor:
+    """Check that ``x`` is a tensor of the given rank(s); return it."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.ndim not in allowed:
+            want = " or ".join(f"{d}-D" for d in allowed)
+            raise ValueError(f"{name} must be {want}, got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if nonempty and x.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
+    """Reject NaN / inf values (a NaN metric would silently reorder top-k)."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf values")
+    return x
+
+
+def check_ratio(name: str, value: float, *, allow_zero: bool = False) -> float:
+    """A ratio in (0, 1] (or [0, 1] with ``allow_zero``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    lo_ok = value >= 0 if allow_zero else value > 0
+    if not (lo_ok and value <= 1) or math.isnan(value):
+        interval = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return float(value)
+
+
+def check_count(name: str, value: int, *, low: int = 0, high: int | None = None) -> int:
+    """An integer in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        hi = "inf" if high is None else str(high)
+        raise ValueError(f"{name} must be in [{low}, {hi}], got {value}")
+    return value
+
+
+def check_range(name: str, value: float, low: float, high: float) -> float:
+    """A number in the closed interval [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return float(value)
+
+
+def budget(n: int, keep: float | int, *, name: str = "keep", rounding: str = "round") -> int:
+    """Number of tokens to keep out of ``n``.
+
+    ``keep`` is a ratio in (0, 1] (float) or an exact count in [0, n] (int).
+    ``rounding`` is ``"round"``, ``"ceil"`` or ``"floor"`` for ratios; the
+    result of a ratio is at least 1 when ``n > 0``.
+    """
+    check_count("n", n)
+    if isinstance(keep, bool):
+        raise TypeError(f"{name} must be a float ratio or an int count, got bool")
+    if isinstance(keep, int):
+        return check_count(name, keep, high=n)
+    check_ratio(name, keep)
+    if rounding == "round":
+        k = round(n * keep)
+    elif rounding == "ceil":
+        k = math.ceil(n * keep - 1e-9)
+    elif rounding == "floor":
+        k = math.floor(n * keep + 1e-9)
+    else:
+        raise ValueError(f"rounding must be 'round', 'ceil' or 'floor', got {rounding!r}")
+    return min(n, max(k, 1 if n > 0 else 0))
