@@ -1,0 +1,205 @@
+"""Run 3D tracks over ScanNet scenes: resumable, shardable under torchrun.
+
+A *track* (see ``threed.vggt.track.VGGTTrack``) turns one scene into result
+rows, one per setting.  The runner owns everything around it: which scenes,
+which rows are already done, failures, progress, shards, and the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .results import ResultsStore, row_key
+from .summary import markdown_table, summarize_rows, write_plots
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TRACKS", "EvalConfig", "DataPaths", "available_tracks", "run_eval", "resolve_scenes"]
+
+# Track name -> "module:Class".  A track whose module cannot be imported (its
+# optional dependency is missing) is reported as unavailable, not an error.
+TRACKS: dict[str, str] = {
+    "vggt": "threed.vggt.track:VGGTTrack",
+    "grounding": "threed.tsp3d.track:GroundingTrack",
+}
+
+
+@dataclass
+class DataPaths:
+    """Where the data of a run lives (real ScanNet or the generated default)."""
+
+    scannet_root: Path
+    posed_images_root: Path | None
+    scanrefer_path: Path | None = None
+    scanqa_path: Path | None = None
+    scene_ids: list[str] = field(default_factory=list)
+    synthetic: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """What the runner itself needs; track options stay in the argparse namespace."""
+
+    out: Path
+    tracks: list[str]
+    scenes: list[str] | None = None
+    seed: int = 0
+    visualize: bool = True
+
+
+def _load_track(name: str):
+    module_name, cls_name = TRACKS[name].split(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, cls_name)
+
+
+def available_tracks() -> dict[str, object]:
+    """Track classes that import in this environment, by name."""
+    found = {}
+    for name in TRACKS:
+        try:
+            found[name] = _load_track(name)
+        except ImportError as e:  # an optional dependency is missing
+            log.info("track %s unavailable: %s", name, e)
+    return found
+
+
+def resolve_scenes(spec: str | None, data: DataPaths) -> list[str]:
+    """``--scenes``: comma-separated ids, or a file with one id a line; default all."""
+    if not spec:
+        if data.scene_ids:
+            return list(data.scene_ids)
+        root = Path(data.scannet_root)
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("scene"))
+    path = Path(spec)
+    if path.is_file():
+        ids = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    else:
+        ids = [s.strip() for s in spec.split(",") if s.strip()]
+    if not ids:
+        raise ValueError(f"--scenes: no scene ids in {spec!r}")
+    return ids
+
+
+def _dist_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as torchrun announces them (1 process otherwise)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local
+
+
+def _barrier(world: int) -> None:
+    if world <= 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    dist.barrier()
+
+
+def run_eval(args: argparse.Namespace, data: DataPaths, config: EvalConfig) -> list[dict] | None:
+    """Run every requested track on every scene of this shard; rank 0 returns the summary."""
+    from tqdm import tqdm
+
+    from threed.scannet import load_scene
+
+    rank, world, local_rank = _dist_info()
+    if world > 1 and str(getattr(args, "device", "cpu")).startswith("cuda"):
+        args.device = f"cuda:{local_rank}"
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = ResultsStore(out, rank=rank if world > 1 else None)
+    done = store.done() | ResultsStore(out).done()
+
+    classes = available_tracks()
+    missing = [t for t in config.tracks if t not in classes]
+    if missing:
+        raise ValueError(
+            f"--tracks: {missing} not available here (available: {sorted(classes)}); "
+            "a track is unavailable when its optional dependency is not installed"
+        )
+    tracks = [classes[t](args, data) for t in config.tracks]
+
+    scene_ids = config.scenes if config.scenes is not None else resolve_scenes(None, data)
+    mine = scene_ids[rank::world]
+    bar = tqdm(total=len(mine) * len(tracks), desc=f"eval[{rank}]", disable=rank != 0)
+    visualized: set[str] = set()
+    for scene_id in mine:
+        try:
+            scene = load_scene(scene_id, data.scannet_root, data.posed_images_root)
+        except Exception as e:  # one bad scene is recorded and the run goes on
+            log.error("scene %s failed to load: %s", scene_id, e)
+            for track in tracks:
+                store.append(_failed_row(scene_id, track.name, e))
+            bar.update(len(tracks))
+            continue
+        for track in tracks:
+            todo = [s for s in track.settings() if (scene_id, track.name, s) not in done]
+            if todo:
+                try:
+                    for row in track.run_scene(scene, todo):
+                        row = {**row, "scene_id": scene_id, "track": track.name, "status": "ok"}
+                        store.append(row)
+                        done.add(row_key(row))
+                except Exception as e:
+                    log.error(
+                        "track %s failed on %s:\n%s", track.name, scene_id, traceback.format_exc()
+                    )
+                    store.append(_failed_row(scene_id, track.name, e))
+            if config.visualize and track.name not in visualized and hasattr(track, "visualize"):
+                try:
+                    track.visualize(scene, out / "visuals")
+                    visualized.add(track.name)
+                except Exception as e:
+                    log.warning("visualisation of %s failed: %s", track.name, e)
+            bar.update(1)
+    bar.close()
+
+    _barrier(world)
+    if rank != 0:
+        return None
+    if world > 1:
+        ResultsStore.merge(out, sorted(out.glob("rows.rank*.jsonl")))
+    return write_summary(out)
+
+
+def _failed_row(scene_id: str, track: str, error: Exception) -> dict:
+    return {
+        "scene_id": scene_id,
+        "track": track,
+        "setting": "*",
+        "status": "failed",
+        "error": f"{type(error).__name__}: {error}",
+        "time": time.time(),
+    }
+
+
+def write_summary(out: Path) -> list[dict]:
+    """summary.json, summary.md and plots/ from rows.jsonl; returns the summary."""
+    rows = ResultsStore(out).rows()
+    summary = summarize_rows(rows)
+    ok_pairs = {(r["scene_id"], r["track"]) for r in rows if r.get("status", "ok") == "ok"}
+    failed = sorted(
+        {r["scene_id"] for r in rows if r.get("status") == "failed"}
+        - {scene for scene, _ in ok_pairs}
+    )
+    (out / "summary.json").write_text(
+        json.dumps({"groups": summary, "failed_scenes": failed}, indent=2, sort_keys=True)
+    )
+    md = markdown_table(summary)
+    if failed:
+        md += f"\nFailed scenes: {', '.join(failed)} (see rows.jsonl for the errors)\n"
+    (out / "summary.md").write_text(md)
+    if summary:
+        write_plots(summary, out / "plots")
+    return summary

@@ -1,0 +1,137 @@
+"""Summaries of result rows: a JSON summary, a Markdown table, PNG plots."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = ["summarize_rows", "markdown_table", "write_plots"]
+
+# Row fields that identify a row rather than measure something.
+_ID_FIELDS = {"scene_id", "track", "setting", "method", "status", "error", "accuracy_valid"}
+
+
+def _numeric(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def summarize_rows(rows: list[dict]) -> list[dict]:
+    """Mean of every numeric field per (track, setting) over the scenes that succeeded.
+
+    Returns one dict per (track, setting), sorted by track then kept ratio
+    (descending), with ``num_scenes``, ``num_failed`` and ``accuracy_valid``
+    (true only if every contributing row had real-weight accuracy).
+    """
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    ok_pairs = {(r["scene_id"], r["track"]) for r in rows if r.get("status", "ok") == "ok"}
+    failed: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        if r.get("status", "ok") == "ok":
+            groups[(str(r["track"]), str(r["setting"]))].append(r)
+        elif (r["scene_id"], r["track"]) not in ok_pairs:  # a later rerun may have succeeded
+            failed[str(r["track"])].add(str(r["scene_id"]))
+    out = []
+    for (track, setting), members in groups.items():
+        sums: dict[str, list[float]] = defaultdict(list)
+        for r in members:
+            for k, v in r.items():
+                if k not in _ID_FIELDS and _numeric(v):
+                    sums[k].append(float(v))
+        entry = {
+            "track": track,
+            "setting": setting,
+            "method": members[0].get("method", setting),
+            "num_scenes": len({r["scene_id"] for r in members}),
+            "num_failed": len(failed.get(track, ())),
+            "accuracy_valid": all(bool(r.get("accuracy_valid", False)) for r in members),
+        }
+        entry.update({k: sum(v) / len(v) for k, v in sorted(sums.items())})
+        out.append(entry)
+    out.sort(key=lambda e: (e["track"], -e.get("kept_ratio", 1.0), e["setting"]))
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v == 0 or 1e-3 <= abs(v) < 1e5:
+            return f"{v:.4g}"
+        return f"{v:.3e}"
+    return str(v)
+
+
+def markdown_table(summary: list[dict], *, columns: dict[str, list[str]] | None = None) -> str:
+    """One Markdown table per track (columns: every numeric field, or ``columns[track]``)."""
+    by_track: dict[str, list[dict]] = defaultdict(list)
+    for e in summary:
+        by_track[e["track"]].append(e)
+    parts = []
+    for track, entries in by_track.items():
+        if columns and track in columns:
+            cols = columns[track]
+        else:
+            seen: dict[str, None] = {}
+            for e in entries:
+                for k in e:
+                    if k not in ("track", "num_failed"):
+                        seen.setdefault(k, None)
+            cols = list(seen)
+        parts.append(f"### {track}\n")
+        parts.append("| " + " | ".join(cols) + " |")
+        parts.append("|" + "|".join("---" for _ in cols) + "|")
+        for e in entries:
+            parts.append("| " + " | ".join(_fmt(e.get(c, "")) for c in cols) + " |")
+        if not all(e["accuracy_valid"] for e in entries):
+            parts.append(
+                "\nAccuracy columns of this track come from random weights: they measure "
+                "agreement and cost only, not task accuracy."
+            )
+        parts.append("")
+    return "\n".join(parts)
+
+
+def write_plots(summary: list[dict], out_dir: Path) -> list[Path]:
+    """One PNG per (track, metric): the metric against the kept ratio, a line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    by_track: dict[str, list[dict]] = defaultdict(list)
+    for e in summary:
+        if _numeric(e.get("kept_ratio")):
+            by_track[e["track"]].append(e)
+    for track, entries in by_track.items():
+        metrics = sorted(
+            {
+                k
+                for e in entries
+                for k, v in e.items()
+                if _numeric(v) and k not in ("kept_ratio", "num_scenes", "num_failed")
+            }
+        )
+        for metric in metrics:
+            fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+            methods: dict[str, list[tuple[float, float]]] = defaultdict(list)
+            for e in entries:
+                if _numeric(e.get(metric)):
+                    methods[str(e["method"])].append((e["kept_ratio"], e[metric]))
+            for method, pts in sorted(methods.items()):
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            ax.set_xlabel("kept ratio")
+            ax.set_ylabel(metric)
+            ax.set_title(f"{track}: {metric}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            path = out_dir / f"{track}_{metric}.png"
+            fig.savefig(path)
+            plt.close(fig)
+            written.append(path)
+    return written
