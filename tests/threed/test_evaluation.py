@@ -115,3 +115,18 @@ def test_truncated_last_line_is_ignored_and_shards_merge(tmp_path):
     (entry,) = summarize_rows(rows)
     assert entry["v"] == pytest.approx(2.0)
     assert "random weights" in markdown_table([entry])
+
+
+def test_shards_split_scenes_and_rank0_merges(tmp_path, patched, monkeypatch):
+    """Two torchrun ranks, run one after the other (the barrier is a no-op here)."""
+    monkeypatch.setattr(runner, "_barrier", lambda world: None)
+    scenes = ["scene_a", "scene_b", "scene_c"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert _run(tmp_path, scenes) is None  # only rank 0 summarises
+    assert {s for s, _ in CountingTrack.calls} == {"scene_b"}
+    monkeypatch.setenv("RANK", "0")
+    summary = _run(tmp_path, scenes)
+    assert {s for s, _ in CountingTrack.calls} == set(scenes)
+    assert all(e["num_scenes"] == 3 for e in summary)
+    assert len(read_rows(tmp_path / "out" / "rows.jsonl")) == 9
