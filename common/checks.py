@@ -46,8 +46,12 @@ def check_tensor(
 
 def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
     """Reject NaN / inf values (a NaN metric would silently reorder top-k)."""
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or inf values")
+    if x.is_floating_point() and x.numel():
+        # fast path: one reduction without a bool copy; a NaN / inf anywhere makes the
+        # sum non-finite. Only a non-finite sum (possibly an overflow of large finite
+        # values) needs the elementwise check.
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or inf values")
     return x
 
 
