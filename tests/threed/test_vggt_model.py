@@ -1,0 +1,54 @@
+"""The project's VGGT: shapes, sizes, kept layers, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from threed.vggt import VGGT, VGGTConfig, scaled_layers
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return VGGT(VGGTConfig.small()).eval()
+
+
+def test_output_shapes_any_multiple_of_14(model):
+    x = torch.rand(3, 3, 42, 70)  # [S, 3, H, W], 3 x 5 patches, non-square
+    with torch.no_grad():
+        out = model(x)
+    assert out["pose_enc"].shape == (1, 3, 9)
+    assert len(out["pose_enc_list"]) == 4
+    assert out["depth"].shape == (1, 3, 42, 70, 1)
+    assert out["depth_conf"].shape == (1, 3, 42, 70)
+    assert out["world_points"].shape == (1, 3, 42, 70, 3)
+    assert bool((out["depth"] > 0).all()) and bool((out["depth_conf"] > 1).all())
+    assert all(v.dtype == torch.float32 for v in out.values() if isinstance(v, torch.Tensor))
+
+
+def test_batch_is_independent(model):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 2, 3, 28, 42, generator=g)
+    with torch.no_grad():
+        both = model(torch.stack([a, b]))
+        one = model(a[None])
+    torch.testing.assert_close(both["depth"][:1], one["depth"], rtol=1e-4, atol=1e-5)
+
+
+def test_only_head_layers_are_kept(model):
+    assert scaled_layers(24) == (4, 11, 17, 23)
+    assert scaled_layers(2) == (0, 0, 1, 1)
+    layers, psi = model.aggregator(torch.rand(1, 2, 3, 28, 28), keep_layers=(1,))
+    assert psi == 5 and list(layers) == [1]
+    assert layers[1].shape == (1, 2, 5 + 4, 2 * 64)
+    assert set(model.kept_layers) == set(model.config.intermediate_layers) | {1}
+
+
+def test_bad_inputs_and_config():
+    with pytest.raises(ValueError, match="multiples of 14"):
+        VGGT(VGGTConfig.small())(torch.rand(1, 2, 3, 30, 28))
+    with pytest.raises(ValueError, match="embed_dim"):
+        VGGTConfig.small(embed_dim=60, num_heads=4)
+    with pytest.raises(ValueError, match="intermediate_layers"):
+        VGGTConfig.small(intermediate_layers=(0, 1, 2, 9))

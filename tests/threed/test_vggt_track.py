@@ -1,0 +1,64 @@
+"""The eval_scannet "vggt" track on a generated scene (small random model)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from threed.vggt.track import VGGTTrack, default_merge_ratios
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    scannet = pytest.importorskip("threed.scannet")
+    pytest.importorskip("open3d")
+    data = scannet.ensure_synthetic(root=tmp_path_factory.mktemp("synth"), num_scenes=1, seed=0)
+    return scannet.load_scene(data.scene_ids[0], data.scannet_root, data.posed_images_root)
+
+
+def _args(*argv):
+    p = argparse.ArgumentParser()
+    VGGTTrack.add_arguments(p)
+    args = p.parse_args(list(argv))
+    args.device, args.seed, args.ratios = "cpu", 0, [1.0, 0.5, 0.25, 0.1]
+    return args
+
+
+def test_default_sweep_and_settings():
+    assert default_merge_ratios([1.0, 0.5, 0.25, 0.1]) == [0.5, 0.75, 0.9]
+    assert default_merge_ratios(None) == [0.9]
+    track = VGGTTrack(_args("--merge-ratio", "0.9,0.3"), None)
+    assert track.settings() == ["full", "fastvggt@0.9", "fastvggt@0.3"]
+    assert track.accuracy_valid is False and track.num_frames == 8
+    with pytest.raises(SystemExit):
+        _args("--merge-ratio", "1.5")
+
+
+def test_rows_and_visual(scene, tmp_path):
+    track = VGGTTrack(_args("--frames", "3", "--merge-ratio", "0.9"), None)
+    rows = list(track.run_scene(scene, track.settings()))
+    assert [r["setting"] for r in rows] == ["full", "fastvggt@0.9"]
+    full, merged = rows
+    json.dumps(rows)  # serialisable
+    for r in rows:
+        for key in (
+            "method",
+            "kept_ratio",
+            "time_s",
+            "aggregator_time_s",
+            "tokens_kept",
+            "depth_absrel_vs_full",
+            "pose_rot_diff_deg_vs_full",
+            "ate",
+            "auc30",
+        ):
+            assert key in r, key
+        assert r["accuracy_valid"] is False and r["num_frames"] == 3
+    assert full["kept_ratio"] == 1.0 and full["depth_absrel_vs_full"] == 0.0
+    assert full["pose_rot_diff_deg_vs_full"] == 0.0
+    assert 0.0 < merged["kept_ratio"] < 1.0
+    assert merged["tokens_kept"] < merged["tokens_total"]
+    paths = track.visualize(scene, tmp_path)
+    assert paths and paths[0].exists() and paths[0].stat().st_size > 0
