@@ -170,7 +170,8 @@ def run_eval(args: argparse.Namespace, data: DataPaths, config: EvalConfig) -> l
         return None
     if world > 1:
         ResultsStore.merge(out, sorted(out.glob("rows.rank*.jsonl")))
-    return write_summary(out)
+    columns = {t.name: t.table_columns for t in tracks if getattr(t, "table_columns", None)}
+    return write_summary(out, columns=columns)
 
 
 def _failed_row(scene_id: str, track: str, error: Exception) -> dict:
@@ -184,8 +185,11 @@ def _failed_row(scene_id: str, track: str, error: Exception) -> dict:
     }
 
 
-def write_summary(out: Path) -> list[dict]:
-    """summary.json, summary.md and plots/ from rows.jsonl; returns the summary."""
+def write_summary(out: Path, columns: dict[str, list[str]] | None = None) -> list[dict]:
+    """summary.json, summary.md and plots/ from rows.jsonl; returns the summary.
+
+    ``columns`` picks the Markdown table's columns per track (default: all).
+    """
     rows = ResultsStore(out).rows()
     summary = summarize_rows(rows)
     ok_pairs = {(r["scene_id"], r["track"]) for r in rows if r.get("status", "ok") == "ok"}
@@ -196,10 +200,10 @@ def write_summary(out: Path) -> list[dict]:
     (out / "summary.json").write_text(
         json.dumps({"groups": summary, "failed_scenes": failed}, indent=2, sort_keys=True)
     )
-    md = markdown_table(summary)
+    md = markdown_table(summary, columns=columns)
     if failed:
         md += f"\nFailed scenes: {', '.join(failed)} (see rows.jsonl for the errors)\n"
     (out / "summary.md").write_text(md)
     if summary:
-        write_plots(summary, out / "plots")
+        write_plots(summary, out / "plots", metrics=columns)
     return summary

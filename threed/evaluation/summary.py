@@ -92,8 +92,13 @@ def markdown_table(summary: list[dict], *, columns: dict[str, list[str]] | None 
     return "\n".join(parts)
 
 
-def write_plots(summary: list[dict], out_dir: Path) -> list[Path]:
-    """One PNG per (track, metric): the metric against the kept ratio, a line per method."""
+def write_plots(
+    summary: list[dict], out_dir: Path, *, metrics: dict[str, list[str]] | None = None
+) -> list[Path]:
+    """One PNG per (track, metric): the metric against the kept ratio, a line per method.
+
+    ``metrics`` names the metrics to plot per track (default: every numeric one).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,15 +112,10 @@ def write_plots(summary: list[dict], out_dir: Path) -> list[Path]:
         if _numeric(e.get("kept_ratio")):
             by_track[e["track"]].append(e)
     for track, entries in by_track.items():
-        metrics = sorted(
-            {
-                k
-                for e in entries
-                for k, v in e.items()
-                if _numeric(v) and k not in ("kept_ratio", "num_scenes", "num_failed")
-            }
-        )
-        for metric in metrics:
+        numeric = {k for e in entries for k, v in e.items() if _numeric(v)}
+        wanted = metrics.get(track) if metrics and track in metrics else sorted(numeric)
+        skip = {"kept_ratio", "num_scenes", "num_failed"}
+        for metric in [m for m in wanted if m in numeric and m not in skip]:
             fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
             methods: dict[str, list[tuple[float, float]]] = defaultdict(list)
             for e in entries:

@@ -117,6 +117,22 @@ class VGGTTrack:
     """VGGT / FastVGGT track (see module doc). Settings: ``full`` and ``fastvggt@<merge ratio>``."""
 
     name = "vggt"
+    # Columns of the summary table (every field stays in rows.jsonl / summary.json).
+    table_columns = [
+        "setting",
+        "num_scenes",
+        "kept_ratio",
+        "tokens_kept",
+        "attention_share",
+        "aggregator_time_s",
+        "peak_mem_mb",
+        "depth_absrel_vs_full",
+        "pose_rot_diff_deg_vs_full",
+        "chamfer",
+        "ate",
+        "are",
+        "auc30",
+    ]
 
     @staticmethod
     def add_arguments(parser) -> None:
