@@ -1,0 +1,192 @@
+"""Decoder-engine benchmark: FastV prefill vs unpruned prefill, side by side.
+
+A Qwen2-style decoder with random weights (hidden 512, 8 layers, 8 heads /
+2 key-value heads, SwiGLU MLP 2816, float32, CPU, SDPA) on one prompt of
+64 text tokens around a 4096-token visual span (32 before, 32 after).
+FastV (layer 2, 25 % of the span kept) against the same model unpatched,
+timed interleaved by :func:`common.benchmark.compare`, next to the analytic
+FLOPs ratio of :mod:`common.flops` (``4nd^2 + 2n^2d + 3ndm`` per layer, the
+FastV / HoliTom formula with a SwiGLU MLP; the GQA-exact figure is reported
+too). Also times the recomputed attention row FastV scores with
+(:func:`common.engine.attention_rows`) against one full decoder layer.
+
+The machine is shared: read ``speedup`` (a ratio measured in one run) rather
+than absolute seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from common.benchmark import compare, summarize, time_fn
+from common.engine import FastV, attention_rows
+from common.flops import count_flops, decoder_prefill_flops
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run"]
+
+
+def _model(hidden: int, layers: int, inter: int, heads: int, kv_heads: int, impl: str = "sdpa"):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=1000,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=32768,
+        attn_implementation=impl,
+    )
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)  # transformers >= 5.x names it `cache`
+    return cache if cache is not None else out.past_key_values
+
+
+def run(quick: bool = False) -> list[dict]:
+    """Run the benchmark; returns one dict per figure (see the module docstring)."""
+    if quick:
+        hidden, layers, inter, heads, kv_heads, span, text = 256, 4, 1408, 4, 2, 1024, 64
+        repeats = 3
+    else:
+        hidden, layers, inter, heads, kv_heads, span, text = 512, 8, 2816, 8, 2, 4096, 64
+        repeats = 5
+    layer_k, keep_ratio = 2, 0.25
+    model = _model(hidden, layers, inter, heads, kv_heads)
+    gen = torch.Generator().manual_seed(0)
+    n = span + text
+    ids = torch.randint(10, 1000, (1, n), generator=gen)
+    start = text // 2
+    spans = [(start, start + span)]
+    method = FastV(layer=layer_k, keep_ratio=keep_ratio)
+    kept = n - span + round(span * keep_ratio)
+
+    def full() -> None:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    def pruned() -> None:
+        with method.apply(model, spans=spans), torch.no_grad():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    # sanity: the pruned run really shortens the sequence
+    with method.apply(model, spans=spans) as h, torch.no_grad():
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        assert h.last_plan["kept_length"][layer_k] == kept
+
+    timing = compare(full, pruned, repeats=repeats, warmup=1)
+    per_layer = [n] * layer_k + [kept] * (layers - layer_k)
+    kv_dim = kv_heads * (hidden // heads)
+    f_full = decoder_prefill_flops(n, hidden, inter, layers, mlp="swiglu")
+    f_pruned = decoder_prefill_flops(per_layer, hidden, inter, mlp="swiglu")
+    g_full = decoder_prefill_flops(n, hidden, inter, layers, mlp="swiglu", kv_dim=kv_dim)
+    g_pruned = decoder_prefill_flops(per_layer, hidden, inter, mlp="swiglu", kv_dim=kv_dim)
+    ideal = f_full / f_pruned
+    rows: list[dict] = [
+        {
+            "name": "engine/fastv_prefill",
+            "setting": f"FastV(layer={layer_k}, keep_ratio={keep_ratio})",
+            "model": f"Qwen2 d={hidden} L={layers} m={inter} heads={heads}/{kv_heads} fp32 sdpa",
+            "tokens": n,
+            "tokens_kept_after_k": kept,
+            "baseline_median_s": timing["baseline"]["median_s"],
+            "pruned_median_s": timing["method"]["median_s"],
+            "baseline_iqr_s": timing["baseline"]["iqr_s"],
+            "pruned_iqr_s": timing["method"]["iqr_s"],
+            "speedup": timing["speedup"],
+            "flops_full_macs": f_full,
+            "flops_pruned_macs": f_pruned,
+            "flops_ideal_speedup": ideal,
+            "flops_ideal_speedup_gqa": g_full / g_pruned,
+            "speedup_over_ideal": timing["speedup"] / ideal,
+            "goal_met": timing["speedup"] >= 0.8 * ideal,
+            "repeats": repeats,
+        }
+    ]
+
+    # measured FLOPs (FlopCounterMode needs eager attention to see the n^2 term)
+    eager = _model(hidden, layers, inter, heads, kv_heads, impl="eager")
+    c_full = count_flops(lambda: eager(input_ids=ids, use_cache=False, logits_to_keep=1))
+    with method.apply(eager, spans=spans):
+        c_pruned = count_flops(lambda: eager(input_ids=ids, use_cache=False, logits_to_keep=1))
+    rows.append(
+        {
+            "name": "engine/fastv_flop_counter",
+            "counted_full_flops": c_full,
+            "counted_pruned_flops": c_pruned,
+            "counted_ratio": c_full / c_pruned,
+            "analytic_ratio_gqa": g_full / g_pruned,
+            "note": "FlopCounterMode (eager, multiply-add = 2, includes the LM head on 1 token "
+            "and the scoring row)",
+        }
+    )
+
+    # decoding on the pruned cache: `steps` greedy single-token steps after the prefill
+    # (the caches are cropped back after each run, so every run decodes the same tokens)
+    steps = 8 if quick else 16
+    tok = ids[:, -1:]
+    with torch.no_grad():
+        cache_full = _cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
+    handle = method.apply(model, spans=spans)
+    with torch.no_grad():
+        cache_pruned = _cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
+    handle.remove()
+
+    def decode(cache) -> None:
+        with torch.no_grad():
+            for _ in range(steps):
+                model(input_ids=tok, cache=cache, use_cache=True)
+        cache.crop(-steps)
+
+    def decode_pruned() -> None:
+        with method.apply(model, spans=spans):
+            decode(cache_pruned)
+
+    dec = compare(lambda: decode(cache_full), decode_pruned, repeats=repeats, warmup=1)
+    rows.append(
+        {
+            "name": "engine/fastv_decode",
+            "steps": steps,
+            "cache_tokens_full": n,
+            "cache_tokens_pruned_after_k": kept,
+            "baseline_ms_per_token": 1e3 * dec["baseline"]["median_s"] / steps,
+            "pruned_ms_per_token": 1e3 * dec["method"]["median_s"] / steps,
+            "speedup": dec["speedup"],
+        }
+    )
+
+    # overhead of the recomputed attention row vs one decoder layer at full length
+    captured: dict = {}
+    layer = model.model.layers[layer_k]
+
+    def grab(mod, args, kwargs):
+        captured["h"], captured["kw"] = args[0], kwargs
+
+    hook = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    hook.remove()
+    h, kw = captured["h"], captured["kw"]
+    pe = kw["position_embeddings"]
+    row_t = summarize(time_fn(lambda: attention_rows(layer, h, pe, -1), repeats=repeats))
+    layer_t = summarize(time_fn(lambda: layer(h, **kw), repeats=repeats))
+    rows.append(
+        {
+            "name": "engine/attention_row_overhead",
+            "tokens": n,
+            "row_median_s": row_t["median_s"],
+            "layer_median_s": layer_t["median_s"],
+            "row_over_layer": row_t["median_s"] / layer_t["median_s"],
+            "row_over_pruned_prefill": row_t["median_s"] / timing["method"]["median_s"],
+        }
+    )
+    logger.info("engine benchmark: %s", rows)
+    return rows

@@ -1,0 +1,179 @@
+"""Tiny random models (real transformers classes) and inputs for the engine tests.
+
+Every builder returns ``(model, inputs, spans)``: ``inputs`` is a dict for
+``model(**inputs)`` / ``model.generate(**inputs)`` with a batch of 2 and left
+padding on sample 1; ``spans`` is the per-sample list of the prunable
+(image) span. No downloads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KINDS = ("qwen2", "llama", "llava_ov", "qwen2_vl")
+IMPLS = ("sdpa", "eager")
+IMAGE_ID = 100
+VOCAB = 120
+PAD = 0
+
+_TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    pad_token_id=PAD,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def _left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), PAD, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, length - len(r) :] = r
+        mask[b, length - len(r) :] = 1
+    return ids, mask
+
+
+def _prompt(gen: torch.Generator, n_image: int, pre: int, post: int, wrap=()) -> torch.Tensor:
+    parts = [torch.randint(3, 90, (pre,), generator=gen)]
+    if wrap:
+        parts.append(torch.tensor([wrap[0]]))
+    parts.append(torch.full((n_image,), IMAGE_ID))
+    if wrap:
+        parts.append(torch.tensor([wrap[1]]))
+    parts.append(torch.randint(3, 90, (post,), generator=gen))
+    return torch.cat(parts)
+
+
+def _spans(ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    out = []
+    for row in ids:
+        where = (row == IMAGE_ID).nonzero().flatten()
+        out.append([(int(where[0]), int(where[-1]) + 1)])
+    return out
+
+
+def _text_batch(seed: int, n_image: int = 12):
+    gen = torch.Generator().manual_seed(seed)
+    rows = [_prompt(gen, n_image, 3, 5), _prompt(gen, n_image, 1, 4)]
+    ids, mask = _left_pad(rows)
+    return ids, mask
+
+
+def build(kind: str, impl: str, seed: int = 0, layers: int = 4):
+    """A tiny model of ``kind`` with ``attn_implementation=impl`` and a padded batch of 2."""
+    torch.manual_seed(seed)
+    text = dict(_TEXT, num_hidden_layers=layers)
+    if kind in ("qwen2", "llama"):
+        if kind == "qwen2":
+            from transformers import Qwen2Config as Cfg
+            from transformers import Qwen2ForCausalLM as Model
+        else:
+            from transformers import LlamaConfig as Cfg
+            from transformers import LlamaForCausalLM as Model
+        model = Model(Cfg(**text, attn_implementation=impl)).eval()
+        ids, mask = _text_batch(seed)
+        return model, {"input_ids": ids, "attention_mask": mask}, _spans(ids)
+    if kind == "llava_ov":
+        from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+        vision = dict(
+            model_type="siglip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
+        cfg = LlavaOnevisionConfig(
+            vision_config=vision,
+            text_config=dict(text, model_type="qwen2"),
+            image_token_index=IMAGE_ID,
+            video_token_index=IMAGE_ID + 1,
+            image_grid_pinpoints=[[28, 28]],
+            attn_implementation=impl,
+        )
+        model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+        gen = torch.Generator().manual_seed(seed)
+        pixel_values = torch.rand(2, 2, 3, 28, 28, generator=gen)  # base view + 1 tile each
+        image_sizes = torch.tensor([[28, 28], [28, 28]])
+        with torch.no_grad():
+            feats = model.model.get_image_features(
+                pixel_values=pixel_values[:1], image_sizes=image_sizes[:1]
+            )
+        feats = getattr(feats, "pooler_output", feats)
+        n_image = int(feats[0].shape[0])
+        ids, mask = _left_pad([_prompt(gen, n_image, 3, 5), _prompt(gen, n_image, 1, 4)])
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "pixel_values": pixel_values,
+            "image_sizes": image_sizes,
+        }
+        return model, inputs, _spans(ids)
+    if kind == "qwen2_vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        vision = dict(
+            depth=1,
+            embed_dim=32,
+            hidden_size=32,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        )
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
+        cfg = Qwen2VLConfig(
+            vision_config=vision,
+            text_config=dict(text, rope_parameters=rope),
+            image_token_id=IMAGE_ID,
+            video_token_id=IMAGE_ID + 1,
+            vision_start_token_id=IMAGE_ID + 2,
+            vision_end_token_id=IMAGE_ID + 3,
+            attn_implementation=impl,
+        )
+        model = Qwen2VLForConditionalGeneration(cfg).eval()
+        gen = torch.Generator().manual_seed(seed)
+        grid = torch.tensor([[1, 6, 8], [1, 6, 8]])  # 48 patches -> 12 tokens per image
+        n_image = 12
+        pixel_values = torch.rand(2 * 48, 3 * 2 * 14 * 14, generator=gen)
+        wrap = (IMAGE_ID + 2, IMAGE_ID + 3)
+        rows = [_prompt(gen, n_image, 3, 5, wrap), _prompt(gen, n_image, 1, 4, wrap)]
+        ids, mask = _left_pad(rows)
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "pixel_values": pixel_values,
+            "image_grid_thw": grid,
+            "mm_token_type_ids": (ids == IMAGE_ID).to(torch.int32),
+        }
+        return model, inputs, _spans(ids)
+    raise ValueError(kind)
+
+
+def hook_snapshot(model: torch.nn.Module) -> list[tuple[str, int, int, int, int]]:
+    """Counts of every hook dict of every submodule (to check remove() leaves nothing)."""
+    out = []
+    for name, mod in model.named_modules():
+        out.append(
+            (
+                name,
+                len(mod._forward_pre_hooks),
+                len(mod._forward_hooks),
+                len(mod._forward_pre_hooks_with_kwargs),
+                len(mod._forward_hooks_with_kwargs),
+            )
+        )
+    return out
+
+
+def attr_snapshot(model: torch.nn.Module) -> list[tuple[str, tuple[str, ...]]]:
+    return [(name, tuple(sorted(vars(mod)))) for name, mod in model.named_modules()]
