@@ -1,0 +1,316 @@
+"""The "grounding" track of ``scripts/eval_scannet.py``: TSP3D on ScanRefer-format data.
+
+Settings:
+
+* ``full``: the same network with ``prune=False`` (no TGP, no CBA);
+* ``tsp3d``: TGP with ``--tgp-thresholds`` (default the official 0.7, 0.3) + CBA;
+* ``tsp3d-nocba``: TGP only;
+* ``tsp3d@R`` for each ``--ratios`` value R < 1: keep the top fraction R of the voxels at
+  both TGP levels instead of thresholds (a project sweep, not in the paper).
+
+Each row is one setting on one scene, averaged over its referring expressions:
+Acc@0.25 / Acc@0.5 (strictly greater IoU, unique / multiple split), voxels per level
+before / after pruning, time and FPS, and agreement with the unpruned run (IoU between
+the pruned and unpruned top-1 boxes).  ``kept_ratio`` is the 16 cm decoder voxel count
+over the unpruned run's; it can exceed 1 when the keep scores are weak, because
+generative upsampling also creates voxels in empty space.  With no
+``--grounding-weights`` the network has random weights (``accuracy_valid: False``)
+and, for CPU speed, a 2 cm base voxel unless ``--grounding-voxel-size`` says
+otherwise (official: 1 cm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .losses import axis_aligned_iou
+from .model import TSP3DConfig, TSP3DGrounder, make_scene_batch
+from .text import TextEncoder
+from .train import load_grounder, subsample_points
+
+__all__ = ["GroundingTrack", "grounding_accuracy", "parse_thresholds"]
+
+logger = logging.getLogger(__name__)
+
+
+def grounding_accuracy(
+    pred: torch.Tensor, gt: torch.Tensor, unique: list[bool] | None = None
+) -> dict[str, float]:
+    """Top-1 grounding accuracy: IoU(pred, gt) strictly > 0.25 / 0.5.
+
+    pred, gt [Q, 6] (cx, cy, cz, dx, dy, dz); unique [Q] ScanRefer split flags.
+    Returns ``acc@0.25``, ``acc@0.5``, ``iou_mean`` and the ``unique`` / ``multiple``
+    variants (NaN where the split is empty), plus ``n``.
+    """
+    iou = axis_aligned_iou(pred.float(), gt.float())
+    out = {"n": int(iou.numel()), "iou_mean": float(iou.mean()) if iou.numel() else float("nan")}
+    flags = torch.tensor(unique if unique is not None else [True] * iou.numel(), dtype=torch.bool)
+    for name, sel in (("", torch.ones_like(flags)), ("_unique", flags), ("_multiple", ~flags)):
+        for t in (0.25, 0.5):
+            v = iou[sel]
+            out[f"acc@{t}{name}"] = float((v > t).float().mean()) if v.numel() else float("nan")
+    return out
+
+
+def parse_thresholds(text: str | None) -> tuple[float, float]:
+    """``"0.7,0.3"`` -> (0.7, 0.3): keep-prob thresholds at 64 cm and 32 cm."""
+    if not text:
+        return (0.7, 0.3)
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError as e:
+        raise ValueError(
+            f"--tgp-thresholds: expected two numbers like 0.7,0.3, got {text!r}"
+        ) from e
+    if len(vals) != 2 or not all(0 <= v < 1 for v in vals):
+        raise ValueError(f"--tgp-thresholds: two numbers in [0, 1), got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
+class GroundingTrack:
+    """TSP3D grounding with and without pruning (see the module docstring)."""
+
+    name = "grounding"
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        parser.add_argument(
+            "--grounding-weights",
+            type=Path,
+            default=None,
+            help="TSP3D checkpoint from scripts/train_grounding.py (default: "
+            "random weights, accuracy not meaningful)",
+        )
+        parser.add_argument(
+            "--text-encoder",
+            default=None,
+            help="local path of a Hugging Face RoBERTa-like model (default: the "
+            "checkpoint's, else a tiny random offline encoder)",
+        )
+        parser.add_argument(
+            "--tgp-thresholds",
+            default="0.7,0.3",
+            help="TGP keep-prob thresholds at 64 cm and 32 cm (default 0.7,0.3)",
+        )
+        parser.add_argument(
+            "--grounding-voxel-size",
+            type=float,
+            default=None,
+            help="base voxel in metres (default: checkpoint's; 0.02 without "
+            "weights for CPU speed; official 0.01)",
+        )
+        parser.add_argument(
+            "--grounding-max-queries",
+            type=int,
+            default=8,
+            help="referring expressions per scene (default 8)",
+        )
+        parser.add_argument(
+            "--grounding-points",
+            type=int,
+            default=50_000,
+            help="points sampled per scene (official 50000)",
+        )
+
+    def __init__(self, args: argparse.Namespace, data) -> None:
+        self.device = torch.device(getattr(args, "device", "cpu") or "cpu")
+        self.seed = int(getattr(args, "seed", 0) or 0)
+        self.thresholds = parse_thresholds(getattr(args, "tgp_thresholds", None))
+        self.max_queries = int(getattr(args, "grounding_max_queries", 8) or 8)
+        self.max_points = int(getattr(args, "grounding_points", 50_000) or 50_000)
+        self.ratios = [float(r) for r in (getattr(args, "ratios", None) or []) if float(r) < 1]
+        weights = getattr(args, "grounding_weights", None)
+        enc_path = getattr(args, "text_encoder", None)
+        vsize = getattr(args, "grounding_voxel_size", None)
+        if weights is not None:
+            self.model, _ = load_grounder(weights, enc_path)
+            if vsize is not None:
+                self.model.config.voxel_size = float(vsize)
+            self.accuracy_valid = True
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                self.model = TSP3DGrounder(
+                    TSP3DConfig(voxel_size=vsize or 0.02), TextEncoder(enc_path, seed=self.seed)
+                )
+            self.accuracy_valid = False
+        self.model.to(self.device).eval()
+        self.data = data
+        self._records = None
+
+    # ------------------------------------------------------------------ data
+    def _scene_records(self, scene) -> list:
+        if self._records is None:
+            from threed.scannet import load_scanrefer
+
+            path = getattr(self.data, "scanrefer_path", None)
+            if path is None:
+                raise ValueError("the grounding track needs ScanRefer records (--scanrefer)")
+            self._records = load_scanrefer(path, getattr(self.data, "scannet_root", None))
+        recs = [r for r in self._records if r.scene_id == scene.scene_id]
+        return recs[: self.max_queries]
+
+    def settings(self) -> list[str]:
+        return ["full", "tsp3d", "tsp3d-nocba"] + [f"tsp3d@{r:g}" for r in self.ratios]
+
+    def _kwargs(self, setting: str) -> dict:
+        if setting == "full":
+            return {"prune": False}
+        if setting == "tsp3d":
+            return {"prune": True, "thresholds": self.thresholds}
+        if setting == "tsp3d-nocba":
+            return {"prune": True, "thresholds": self.thresholds, "cba": False}
+        if setting.startswith("tsp3d@"):
+            r = float(setting.split("@", 1)[1])
+            return {"prune": True, "keep_ratios": (r, r)}
+        raise ValueError(f"unknown grounding setting {setting!r}")
+
+    @torch.no_grad()
+    def _run(self, batch, text: str, setting: str):
+        g = torch.Generator().manual_seed(self.seed)
+        t0 = time.perf_counter()
+        out = self.model(batch, [text], generator=g, **self._kwargs(setting))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return out, time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ rows
+    def run_scene(self, scene, settings: list[str]) -> Iterator[dict]:
+        recs = [
+            r
+            for r in self._scene_records(scene)
+            if any(i.object_id == r.object_id for i in scene.instances)
+        ]
+        if not recs:
+            logger.warning("grounding: no referring expression for %s", scene.scene_id)
+            return
+        idx = subsample_points(scene.num_points, self.max_points, self.seed)
+        pts = torch.as_tensor(scene.points[idx], dtype=torch.float32)
+        cols = torch.as_tensor(scene.colors[idx], dtype=torch.float32)
+        batch = make_scene_batch([pts], [cols], self.model.config.voxel_size)
+        batch.indices, batch.features = (
+            batch.indices.to(self.device),
+            batch.features.to(self.device),
+        )
+        gt = torch.stack(
+            [
+                torch.as_tensor(np.asarray(scene.instance(r.object_id).box, dtype=np.float32))
+                for r in recs
+            ]
+        )
+        unique = [bool(r.unique) for r in recs]
+        self._run(batch, recs[0].description, "full")  # warm-up (not timed)
+        full = [self._run(batch, r.description, "full") for r in recs]
+        full_boxes = torch.stack([o.boxes[0].cpu() for o, _ in full])
+        for setting in ["full", *[s for s in settings if s != "full"]]:
+            if setting not in settings:
+                continue
+            runs = (
+                full
+                if setting == "full"
+                else [self._run(batch, r.description, setting) for r in recs]
+            )
+            boxes = torch.stack([o.boxes[0].cpu() for o, _ in runs])
+            acc = grounding_accuracy(boxes, gt, unique)
+            times = [t for _, t in runs]
+            counts = {k: float(np.mean([o.counts[k] for o, _ in runs])) for k in runs[0][0].counts}
+            full_16 = float(np.mean([o.counts["decoder_16"] for o, _ in full]))
+            agree = axis_aligned_iou(boxes, full_boxes)
+            row = {
+                "setting": setting,
+                "method": "none" if setting == "full" else "tsp3d",
+                "kept_ratio": counts["decoder_16"] / max(full_16, 1.0),
+                "accuracy_valid": self.accuracy_valid,
+                "num_queries": len(recs),
+                "acc@0.25": acc["acc@0.25"],
+                "acc@0.5": acc["acc@0.5"],
+                "acc@0.25_unique": acc["acc@0.25_unique"],
+                "acc@0.5_unique": acc["acc@0.5_unique"],
+                "acc@0.25_multiple": acc["acc@0.25_multiple"],
+                "acc@0.5_multiple": acc["acc@0.5_multiple"],
+                "iou_mean": acc["iou_mean"],
+                "time_s": float(np.mean(times)),
+                "fps": 1.0 / max(float(np.mean(times)), 1e-9),
+                "voxels_kept": counts["decoder_16"],
+                "agreement_iou": float(agree.mean()),
+                "agreement@0.5": float((agree > 0.5).float().mean()),
+                "voxel_size_m": self.model.config.voxel_size,
+                **{f"voxels_{k}": v for k, v in counts.items()},
+            }
+            if self.device.type == "cuda":
+                row["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            yield row
+
+    # ------------------------------------------------------------------ picture
+    def visualize(self, scene, out_dir: Path) -> list[Path]:
+        """Top view of the scene points with the voxels TSP3D keeps (first expression)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Rectangle
+
+        recs = self._scene_records(scene)
+        if not recs:
+            return []
+        r = recs[0]
+        idx = subsample_points(scene.num_points, self.max_points, self.seed)
+        pts = torch.as_tensor(scene.points[idx], dtype=torch.float32)
+        cols = torch.as_tensor(scene.colors[idx], dtype=torch.float32)
+        batch = make_scene_batch([pts], [cols], self.model.config.voxel_size)
+        out, _ = self._run(batch, r.description, "tsp3d")
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(7, 7))
+        ax.scatter(pts[::5, 0], pts[::5, 1], s=0.2, c="0.75", label="scene points")
+        k32 = out.kept_positions[32].cpu()
+        ax.scatter(
+            k32[:, 0],
+            k32[:, 1],
+            s=6,
+            c="tab:blue",
+            alpha=0.3,
+            label=f"kept @{self.model.config.level_cm(32):g} cm",
+        )
+        p16 = out.positions.cpu()
+        ax.scatter(
+            p16[:, 0],
+            p16[:, 1],
+            s=2,
+            c="tab:orange",
+            label=f"decoder voxels @{self.model.config.level_cm(16):g} cm",
+        )
+        n_added = out.counts.get("added_16", 0)
+        if n_added:
+            ax.scatter(
+                p16[-n_added:, 0], p16[-n_added:, 1], s=4, c="tab:green", label="added by CBA"
+            )
+        for box, color, lab in (
+            (scene.instance(r.object_id).box, "red", "target"),
+            (out.boxes[0].cpu().numpy(), "black", "prediction"),
+        ):
+            ax.add_patch(
+                Rectangle(
+                    (box[0] - box[3] / 2, box[1] - box[4] / 2),
+                    box[3],
+                    box[4],
+                    fill=False,
+                    ec=color,
+                    lw=2,
+                    label=lab,
+                )
+            )
+        ax.set_aspect("equal")
+        ax.set_title(f"{scene.scene_id}: {r.description[:60]}", fontsize=8)
+        ax.legend(fontsize=6, loc="upper right")
+        path = out_dir / f"grounding_{scene.scene_id}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return [path]
