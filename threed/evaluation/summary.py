@@ -48,7 +48,10 @@ def summarize_rows(rows: list[dict]) -> list[dict]:
         }
         entry.update({k: sum(v) / len(v) for k, v in sorted(sums.items())})
         out.append(entry)
-    out.sort(key=lambda e: (e["track"], -e.get("kept_ratio", 1.0), e["setting"]))
+    # the unpruned setting first, then by kept ratio (descending)
+    out.sort(
+        key=lambda e: (e["track"], e["setting"] != "full", -e.get("kept_ratio", 1.0), e["setting"])
+    )
     return out
 
 

@@ -221,6 +221,7 @@ class TextGuidedPruning(nn.Module):
         pos_embed: nn.Module | None = None,
     ):
         super().__init__()
+        self.num_fallbacks = 0  # times no voxel passed the threshold (prune_coarse)
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"threshold must be in [0, 1), got {threshold}")
         if isinstance(train_topk, tuple):
@@ -302,13 +303,16 @@ class TextGuidedPruning(nn.Module):
         for b in torch.unique(bidx):
             rows = bidx == b
             if not bool(mask[rows].any()):
-                logger.warning(
+                # warn once per module (random weights hit this on every call), then debug
+                log = logger.warning if self.num_fallbacks == 0 else logger.debug
+                log(
                     "TGP: no voxel of batch item %d passed keep prob > %.3f; keeping the "
-                    "top %d instead",
+                    "top %d instead (further fallbacks of this module are logged at DEBUG)",
                     int(b),
                     thr,
                     self.fallback_topk,
                 )
+                self.num_fallbacks += 1
                 mask |= _topk_mask(
                     torch.where(rows, keep_prob, -1.0),
                     bidx * 0,

@@ -157,6 +157,23 @@ class GroundingTrack:
         recs = [r for r in self._records if r.scene_id == scene.scene_id]
         return recs[: self.max_queries]
 
+    # Columns of the summary table (every field stays in rows.jsonl / summary.json).
+    table_columns = [
+        "setting",
+        "num_scenes",
+        "kept_ratio",
+        "voxels_kept_64",
+        "voxels_kept_32",
+        "voxels_decoder_16",
+        "voxels_added_16",
+        "fps",
+        "agreement_iou",
+        "acc@0.25",
+        "acc@0.5",
+        "acc@0.25_unique",
+        "acc@0.25_multiple",
+    ]
+
     def settings(self) -> list[str]:
         return ["full", "tsp3d", "tsp3d-nocba"] + [f"tsp3d@{r:g}" for r in self.ratios]
 
