@@ -3,43 +3,40 @@
 A small random VGGT (embed 256, 4 frame + 4 global blocks, 4 heads, 2-block
 DINOv2 patch embed, 224 x 224 frames = 16 x 16 patches + 5 specials) at
 S = 16, 32, 64 frames (quick: 8, 16). Per S: aggregator time (interleaved
-A/B via ``common.benchmark.compare``), peak memory (CUDA allocator or the
-process's RSS high-water mark on CPU), one global attention alone (merged
-attention includes its matching), the matching alone (``build_plan``), tokens
-kept, and FLOPs of the smallest S from ``torch.utils.flop_counter`` next to
-the analytic attention share.
+A/B via ``common.benchmark.compare``, one warm-up pair so one-off costs such as
+oneDNN kernel creation for a new shape stay out, medians of ``REPEATS``),
+peak memory (CUDA allocator or the process's RSS high-water mark on CPU), one
+global attention alone and the matching alone (``build_plan``), interleaved
+full / merged / matching with medians of ``ATTN_REPEATS`` (merged attention
+includes its matching; ``matching_share`` = matching / full global attention),
+tokens kept, and FLOPs of the smallest S from ``torch.utils.flop_counter`` next
+to the analytic attention share. Both attentions run the same
+``F.scaled_dot_product_attention`` (the CPU flash kernel on CPU).
 """
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import logging
-import time
 
 import torch
 
-from common.benchmark import compare, summarize
+from common.benchmark import compare, summarize, time_fn
 from threed.vggt import VGGT, TokenMerging, VGGTConfig, attention_share, build_plan
 from threed.vggt.layers import patch_positions
-from threed.vggt.track import peak_memory_mb
+from threed.vggt.track import peak_memory_mb, small_track_config
 
 log = logging.getLogger(__name__)
 
 RATIO = 0.9
+REPEATS = 3  # aggregator A/B pairs per S (after one warm-up pair)
+ATTN_REPEATS = 7  # global attention / matching triples per S (after one warm-up)
 
 
 def bench_config() -> VGGTConfig:
-    return VGGTConfig(
-        img_size=224,
-        embed_dim=256,
-        depth=4,
-        num_heads=4,
-        patch_embed_depth=2,
-        patch_embed_heads=4,
-        camera_trunk_depth=1,
-        camera_heads=4,
-        dpt_features=32,
-        dpt_out_channels=(16, 32, 64, 64),
-    )
+    """The eval track's small model at embed 256 (224 px, 4 frame + 4 global blocks)."""
+    return dataclasses.replace(small_track_config(), embed_dim=256)
 
 
 def _flops(fn) -> int:
@@ -74,33 +71,31 @@ def _bench_frames(model, method, s: int, small: bool, device) -> dict:
         with method.apply(model):
             return agg(images, keep_layers=keep)
 
-    times = compare(
-        full, merged, repeats=3 if small else 1, warmup=1 if small else 0, device=device
-    )
+    times = compare(full, merged, repeats=REPEATS, warmup=1, device=device)
     with torch.inference_mode():
+        _trim_heap(device)
         mem_full = peak_memory_mb(full, device)
+        _trim_heap(device)
         mem_merged = peak_memory_mb(merged, device)
         with method.apply(model) as handle:
             agg(images, keep_layers=keep)
             kept, share = handle.kept_ratio, attention_share(handle)
             stats = handle.stats
-    # one global attention alone, and the matching alone
+    # one global attention alone, and the matching alone, interleaved
     blk = agg.global_blocks[-1]
-    x = blk.norm1(torch.randn(1, n, 256, device=device))
+    with torch.no_grad():
+        x = blk.norm1(torch.randn(1, n, 256, device=device))
     pos = patch_positions(s, 16, 16, agg.patch_start_idx, device).reshape(1, n, 2)
-    attn_times = compare(
-        lambda: blk.attn(x, pos=pos),
-        lambda: _merged_attn(model, blk, x, pos),
-        repeats=3 if small else 1,
-        warmup=1 if small else 0,
-        device=device,
-    )
     keys = torch.randn(1, 4, n, 64, device=device)
-    match_t = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        build_plan(method, x, keys, (16, 16), agg.patch_start_idx)
-        match_t.append(time.perf_counter() - t0)
+    attn = _interleaved(
+        {
+            "full": lambda: blk.attn(x, pos=pos),
+            "merged": lambda: _merged_attn(model, blk, x, pos),
+            "matching": lambda: build_plan(method, x, keys, (16, 16), agg.patch_start_idx),
+        },
+        ATTN_REPEATS,
+        device,
+    )
     row = {
         "name": f"vggt_aggregator_S{s}",
         "frames": s,
@@ -114,10 +109,12 @@ def _bench_frames(model, method, s: int, small: bool, device) -> dict:
         "peak_mem_merged_mb": mem_merged,
         "kept_ratio": kept,
         "attention_share": share,
-        "global_attn_full_s": attn_times["baseline"]["median_s"],
-        "global_attn_merged_s": attn_times["method"]["median_s"],
-        "global_attn_speedup": attn_times["speedup"],
-        "matching_s": summarize(match_t)["median_s"],
+        "global_attn_full_s": attn["full"]["median_s"],
+        "global_attn_merged_s": attn["merged"]["median_s"],
+        "global_attn_speedup": attn["full"]["median_s"] / attn["merged"]["median_s"],
+        "matching_s": attn["matching"]["median_s"],
+        "matching_share": attn["matching"]["median_s"] / attn["full"]["median_s"],
+        "threads": torch.get_num_threads(),
     }
     if small:
         with torch.inference_mode():
@@ -138,6 +135,29 @@ def _bench_frames(model, method, s: int, small: bool, device) -> dict:
         )
     log.info("%s", row)
     return row
+
+
+def _trim_heap(device) -> None:
+    """CPU: hand freed heap memory back to the OS (glibc ``malloc_trim``) so the RSS
+    high-water mark of the next run is not hidden by memory the previous run left
+    cached (otherwise whichever of full / merged runs second reads about 0 MB)."""
+    if device.type != "cpu":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _interleaved(fns: dict, repeats: int, device) -> dict[str, dict]:
+    """Median (and spread) of each callable, run in turn ``repeats`` times after a warm-up."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        time_fn(fn, repeats=0, warmup=1, device=device)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name] += time_fn(fn, repeats=1, warmup=0, device=device)
+    return {name: summarize(t) for name, t in times.items()}
 
 
 def _merged_attn(model, blk, x, pos):
