@@ -259,14 +259,16 @@ def test_grounding_track_rows_on_handmade_scene(tmp_path, monkeypatch):
     )
     tr = track_mod.GroundingTrack(args, data=None)
     tr._records = [Rec(0, "the chair", True), Rec(1, "the table", False)]
-    assert tr.settings() == ["full", "tsp3d", "tsp3d-nocba", "tsp3d@0.5"]
+    assert tr.settings() == ["full", "tsp3d", "tsp3d-nocba", "tsp3d-oracle", "tsp3d@0.5"]
     rows = list(tr.run_scene(Scene(), tr.settings()))
     assert [r["setting"] for r in rows] == tr.settings()
-    full = rows[0]
+    full, oracle = rows[0], rows[3]
     assert full["agreement_iou"] == pytest.approx(1.0) and full["kept_ratio"] == 1.0
     assert all(r["accuracy_valid"] is False for r in rows)
-    assert all(np.isfinite(r["acc@0.25"]) and r["fps"] > 0 for r in rows)
-    assert rows[3]["voxels_kept_64"] < full["voxels_kept_64"]
+    assert all(r["fps"] > 0 for r in rows)
+    assert all(np.isfinite(r["acc@0.25"]) for r in rows if r is not oracle)
+    assert oracle["acc@0.25"] is None and oracle["method"] == "tsp3d-oracle"  # reads the GT
+    assert rows[4]["voxels_kept_64"] < full["voxels_kept_64"]
     rows2 = list(tr.run_scene(Scene(), ["tsp3d"]))
     assert rows2[0]["acc@0.25"] == rows[1]["acc@0.25"]
     assert rows2[0]["agreement_iou"] == rows[1]["agreement_iou"]

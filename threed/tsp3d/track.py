@@ -6,7 +6,11 @@ Settings:
 * ``tsp3d``: TGP with ``--tgp-thresholds`` (default the official 0.7, 0.3) + CBA;
 * ``tsp3d-nocba``: TGP only;
 * ``tsp3d@R`` for each ``--ratios`` value R < 1: keep the top fraction R of the voxels at
-  both TGP levels instead of thresholds (a project sweep, not in the paper).
+  both TGP levels instead of thresholds (a project sweep, not in the paper);
+* ``tsp3d-oracle`` (random weights only): TGP + CBA at the run-time thresholds on
+  "trained-like" score fields built from the ground-truth boxes
+  (:func:`threed.tsp3d.oracle.oracle_scores`), to show what pruning saves when the
+  scores are good.  It reads the answer, so its accuracy fields are left empty.
 
 Each row is one setting on one scene, averaged over its referring expressions:
 Acc@0.25 / Acc@0.5 (strictly greater IoU, unique / multiple split), voxels per level
@@ -22,6 +26,7 @@ otherwise (official: 1 cm).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -32,6 +37,7 @@ import torch
 
 from .losses import axis_aligned_iou
 from .model import TSP3DConfig, TSP3DGrounder, make_scene_batch
+from .oracle import oracle_scores
 from .text import TextEncoder
 from .train import load_grounder, subsample_points
 
@@ -175,12 +181,13 @@ class GroundingTrack:
     ]
 
     def settings(self) -> list[str]:
-        return ["full", "tsp3d", "tsp3d-nocba"] + [f"tsp3d@{r:g}" for r in self.ratios]
+        oracle = [] if self.accuracy_valid else ["tsp3d-oracle"]
+        return ["full", "tsp3d", "tsp3d-nocba", *oracle] + [f"tsp3d@{r:g}" for r in self.ratios]
 
     def _kwargs(self, setting: str) -> dict:
         if setting == "full":
             return {"prune": False}
-        if setting == "tsp3d":
+        if setting in ("tsp3d", "tsp3d-oracle"):
             return {"prune": True, "thresholds": self.thresholds}
         if setting == "tsp3d-nocba":
             return {"prune": True, "thresholds": self.thresholds, "cba": False}
@@ -190,10 +197,14 @@ class GroundingTrack:
         raise ValueError(f"unknown grounding setting {setting!r}")
 
     @torch.no_grad()
-    def _run(self, batch, text: str, setting: str):
+    def _run(self, batch, text: str, setting: str, oracle: tuple | None = None):
+        """One forward; ``oracle = (object_centres [M, 3], target_centre [3])`` for the
+        oracle setting."""
         g = torch.Generator().manual_seed(self.seed)
+        ctx = oracle_scores(self.model, *oracle) if oracle else contextlib.nullcontext()
         t0 = time.perf_counter()
-        out = self.model(batch, [text], generator=g, **self._kwargs(setting))
+        with ctx:
+            out = self.model(batch, [text], generator=g, **self._kwargs(setting))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return out, time.perf_counter() - t0
@@ -223,17 +234,27 @@ class GroundingTrack:
             ]
         )
         unique = [bool(r.unique) for r in recs]
+        centres = torch.stack(
+            [torch.as_tensor(np.asarray(i.box[:3], dtype=np.float32)) for i in scene.objects()]
+        )
         self._run(batch, recs[0].description, "full")  # warm-up (not timed)
         full = [self._run(batch, r.description, "full") for r in recs]
         full_boxes = torch.stack([o.boxes[0].cpu() for o, _ in full])
         for setting in ["full", *[s for s in settings if s != "full"]]:
             if setting not in settings:
                 continue
-            runs = (
-                full
-                if setting == "full"
-                else [self._run(batch, r.description, setting) for r in recs]
-            )
+            if setting == "full":
+                runs = full
+            else:
+                runs = [
+                    self._run(
+                        batch,
+                        r.description,
+                        setting,
+                        (centres, gt[i, :3]) if setting == "tsp3d-oracle" else None,
+                    )
+                    for i, r in enumerate(recs)
+                ]
             boxes = torch.stack([o.boxes[0].cpu() for o, _ in runs])
             acc = grounding_accuracy(boxes, gt, unique)
             times = [t for _, t in runs]
@@ -261,18 +282,22 @@ class GroundingTrack:
                 "voxel_size_m": self.model.config.voxel_size,
                 **{f"voxels_{k}": v for k, v in counts.items()},
             }
+            if setting == "tsp3d-oracle":  # its scores read the answer: no accuracy
+                row["method"] = "tsp3d-oracle"
+                for k in [k for k in row if k.startswith("acc@") or k == "iou_mean"]:
+                    row[k] = None
             if self.device.type == "cuda":
                 row["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
             yield row
 
     # ------------------------------------------------------------------ picture
     def visualize(self, scene, out_dir: Path) -> list[Path]:
-        """Top view of the scene points with the voxels TSP3D keeps (first expression)."""
+        """Top view of the scene points with the voxels TSP3D keeps (first expression);
+        with random weights a second panel shows the oracle (trained-like) scores."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.patches import Rectangle
 
         recs = self._scene_records(scene)
         if not recs:
@@ -282,10 +307,30 @@ class GroundingTrack:
         pts = torch.as_tensor(scene.points[idx], dtype=torch.float32)
         cols = torch.as_tensor(scene.colors[idx], dtype=torch.float32)
         batch = make_scene_batch([pts], [cols], self.model.config.voxel_size)
-        out, _ = self._run(batch, r.description, "tsp3d")
+        panels = [("tsp3d", None)]
+        if not self.accuracy_valid:
+            centres = torch.stack(
+                [torch.as_tensor(np.asarray(i.box[:3], dtype=np.float32)) for i in scene.objects()]
+            )
+            target = torch.as_tensor(np.asarray(scene.instance(r.object_id).box[:3]))
+            panels.append(("tsp3d-oracle", (centres, target.float())))
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 6), squeeze=False)
+        for ax, (setting, oracle) in zip(axes[0], panels):
+            out, _ = self._run(batch, r.description, setting, oracle)
+            self._draw(ax, scene, r, pts, out, setting)
+        fig.suptitle(f"{scene.scene_id}: {r.description[:80]}", fontsize=9)
+        fig.tight_layout()
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        fig, ax = plt.subplots(figsize=(7, 7))
+        path = out_dir / f"grounding_{scene.scene_id}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return [path]
+
+    def _draw(self, ax, scene, record, pts, out, setting: str) -> None:
+        from matplotlib.patches import Rectangle
+
+        cfg = self.model.config
         ax.scatter(pts[::5, 0], pts[::5, 1], s=0.2, c="0.75", label="scene points")
         k32 = out.kept_positions[32].cpu()
         ax.scatter(
@@ -294,7 +339,7 @@ class GroundingTrack:
             s=6,
             c="tab:blue",
             alpha=0.3,
-            label=f"kept @{self.model.config.level_cm(32):g} cm",
+            label=f"kept @{cfg.level_cm(32):g} cm",
         )
         p16 = out.positions.cpu()
         ax.scatter(
@@ -302,7 +347,7 @@ class GroundingTrack:
             p16[:, 1],
             s=2,
             c="tab:orange",
-            label=f"decoder voxels @{self.model.config.level_cm(16):g} cm",
+            label=f"decoder voxels @{cfg.level_cm(16):g} cm",
         )
         n_added = out.counts.get("added_16", 0)
         if n_added:
@@ -310,7 +355,7 @@ class GroundingTrack:
                 p16[-n_added:, 0], p16[-n_added:, 1], s=4, c="tab:green", label="added by CBA"
             )
         for box, color, lab in (
-            (scene.instance(r.object_id).box, "red", "target"),
+            (scene.instance(record.object_id).box, "red", "target"),
             (out.boxes[0].cpu().numpy(), "black", "prediction"),
         ):
             ax.add_patch(
@@ -325,9 +370,8 @@ class GroundingTrack:
                 )
             )
         ax.set_aspect("equal")
-        ax.set_title(f"{scene.scene_id}: {r.description[:60]}", fontsize=8)
+        weights = "trained weights" if self.accuracy_valid else "random weights"
+        if setting == "tsp3d-oracle":
+            weights = "oracle scores from the GT boxes"
+        ax.set_title(f"{setting} ({weights}): {len(p16)} decoder voxels", fontsize=8)
         ax.legend(fontsize=6, loc="upper right")
-        path = out_dir / f"grounding_{scene.scene_id}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return [path]
