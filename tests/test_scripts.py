@@ -1,0 +1,63 @@
+"""The command lines end to end on the generated data (small settings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_eval_scannet_runs_resumes_and_writes_outputs(tmp_path, capsys):
+    eval_scannet = _load("eval_scannet")
+    out = tmp_path / "out"
+    argv = [
+        "--tracks", "vggt",
+        "--synthetic-root", str(tmp_path / "data"),
+        "--num-synthetic-scenes", "1",
+        "--ratios", "1.0,0.5",
+        "--frames", "4",
+        "--out", str(out),
+    ]  # fmt: skip
+    assert eval_scannet.main(argv) == 0
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert sorted(r["setting"] for r in rows) == ["fastvggt@0.5", "fastvggt@0.9", "full"]
+    assert all(r["status"] == "ok" and r["accuracy_valid"] is False for r in rows)
+    assert "| full |" in capsys.readouterr().out
+    assert (out / "plots" / "vggt_aggregator_time_s.png").exists()
+    assert list((out / "visuals").glob("vggt_*.png"))
+    # a rerun finds every row done and appends nothing
+    assert eval_scannet.main(argv) == 0
+    assert len((out / "rows.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_eval_scannet_bad_arguments(tmp_path, capsys):
+    eval_scannet = _load("eval_scannet")
+    with pytest.raises(SystemExit) as e:
+        eval_scannet.main(["--ratios", "1.5"])
+    assert e.value.code == 2 and "--ratios" in capsys.readouterr().err
+    assert eval_scannet.main(["--scannet-root", str(tmp_path / "missing")]) == 2
+    assert "--scannet-root" in capsys.readouterr().err
+
+
+def test_bench_driver_quick(tmp_path, monkeypatch):
+    bench = _load("bench")
+    out = tmp_path / "results.json"
+    monkeypatch.setattr(sys, "argv", ["bench.py"])
+    assert bench.main(["--only", "primitives", "--quick", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["machine"]["torch"]
+    rows = result["areas"]["primitives"]["rows"]
+    assert rows and all("speedup" in r for r in rows if "baseline_median_s" in r)
