@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 setup: sysdeps $(STAMP)
 
 sysdeps:
-	@bash .ci/sysdeps.sh
+	@PYTHON=$(PYTHON) bash .ci/sysdeps.sh
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
