@@ -130,27 +130,34 @@ def run(quick: bool = False) -> list[dict]:
     )
 
     # decoding on the pruned cache: `steps` greedy single-token steps after the prefill
-    # (the caches are cropped back after each run, so every run decodes the same tokens)
+    # (the caches are cropped back after each run, so every run decodes the same tokens).
+    # The pruned side runs on a second instance with the same weights (same seed) that
+    # keeps the handle of its pruned prefill, so its steps go through the engine's decode
+    # path (key-side mask slicing, cache-length checks) while the baseline has no hooks.
     steps = 8 if quick else 16
     tok = ids[:, -1:]
     with torch.no_grad():
         cache_full = _cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
-    handle = method.apply(model, spans=spans)
+    model_p = _model(hidden, layers, inter, heads, kv_heads)
+    handle = method.apply(model_p, spans=spans)
     with torch.no_grad():
-        cache_pruned = _cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
-    handle.remove()
+        cache_pruned = _cache_of(model_p(input_ids=ids, use_cache=True, logits_to_keep=1))
 
-    def decode(cache) -> None:
+    def decode(m, cache) -> None:
         with torch.no_grad():
             for _ in range(steps):
-                model(input_ids=tok, cache=cache, use_cache=True)
+                m(input_ids=tok, cache=cache, use_cache=True)
         cache.crop(-steps)
 
-    def decode_pruned() -> None:
-        with method.apply(model, spans=spans):
-            decode(cache_pruned)
-
-    dec = compare(lambda: decode(cache_full), decode_pruned, repeats=repeats, warmup=1)
+    try:
+        dec = compare(
+            lambda: decode(model, cache_full),
+            lambda: decode(model_p, cache_pruned),
+            repeats=repeats,
+            warmup=1,
+        )
+    finally:
+        handle.remove()
     rows.append(
         {
             "name": "engine/fastv_decode",

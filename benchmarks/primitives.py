@@ -94,12 +94,12 @@ def _dpc_merge_loop(x: torch.Tensor, num_centres: int, k: int, beta: float) -> t
         d = xf.shape[-1]
         dist = torch.cdist(xf, xf) / d**0.5
         knn = torch.topk(dist, k, dim=-1, largest=False).values
-        density = (-(knn**2).mean(-1)).exp() + torch.rand(1, xf.shape[1]) * 1e-6
+        density = (-(knn**2).mean(-1)).exp() + torch.rand(1, xf.shape[1], device=xf.device) * 1e-6
         mask = (density[:, None, :] > density[:, :, None]).float()
         dmax = dist.flatten(1).max(-1).values[:, None, None]
         delta = (dist * mask + dmax * (1 - mask)).min(-1).values
         centres = (delta * density).topk(num_centres, -1).indices.sort(-1).values[0]
-        is_c = torch.zeros(xf.shape[1], dtype=torch.bool)
+        is_c = torch.zeros(xf.shape[1], dtype=torch.bool, device=xf.device)
         is_c[centres] = True
         others = (~is_c).nonzero()[:, 0]
         near = dist[0][others][:, centres].argmin(-1)
@@ -119,6 +119,14 @@ def _match_unchunked(metric, dst_idx, src_idx):
     m = torch.nn.functional.normalize(metric.float(), dim=-1)
     s = m[:, src_idx[0]] @ m[:, dst_idx[0]].transpose(1, 2)
     return s.argmax(-1)
+
+
+def _match_agreement(metric, dst_idx, src_idx, chunk: int) -> float:
+    """Fraction of src tokens whose dst is the same in the reference and the library."""
+    ref = dst_idx[0, _match_unchunked(metric, dst_idx, src_idx)[0]]
+    got = match_src_to_dst(metric, dst_idx, src_idx, chunk_size=chunk)
+    holder = got.keep_idx[0, got.dst_of[0, src_idx[0]]]
+    return float((holder == ref).float().mean())
 
 
 # ---------------------------------------------------------------- run
@@ -149,6 +157,7 @@ def run(quick: bool = False) -> list[dict]:
             dim=d,
             device=device,
             reference="per-frame F.cosine_similarity loop",
+            max_abs_diff=float((_adjacent_loop(x) - adjacent_frame_similarity(x)).abs().max()),
         )
     )
     flat = x.reshape(1, f * n, d)
@@ -180,6 +189,7 @@ def run(quick: bool = False) -> list[dict]:
             tokens=n,
             device="cpu",
             reference="official structure: cumprod per start + scalar DP loop",
+            agree=_segmentation_loop(sim, 0.8) == temporal_segmentation(sim, 0.8),
         )
     )
     num_centres = 20
@@ -187,7 +197,7 @@ def run(quick: bool = False) -> list[dict]:
         _row(
             "dpc_knn_merge",
             compare(
-                lambda: _dpc_merge_loop(x.cpu(), num_centres, 7, 0.6),
+                lambda: _dpc_merge_loop(x, num_centres, 7, 0.6),  # same device as the method
                 lambda: dpc_knn_merge(x, num_centres, k=7, generator=0),
                 repeats=repeats,
                 device=device,
@@ -229,6 +239,7 @@ def run(quick: bool = False) -> list[dict]:
             chunk_size=chunk,
             device=device,
             reference="unchunked [Ns, Nd] score matrix + argmax",
+            agree_fraction=_match_agreement(metric, dst_idx, src_idx, chunk),
             peak_scores_mb_reference=src_idx.shape[1] * dst_idx.shape[1] * 4 / 2**20,
             peak_scores_mb_method=min(chunk, src_idx.shape[1]) * dst_idx.shape[1] * 4 / 2**20,
         )

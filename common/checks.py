@@ -78,9 +78,9 @@ def check_count(name: str, value: int, *, low: int = 0, high: int | None = None)
 
 def check_range(name: str, value: float, low: float, high: float) -> float:
     """A number in the closed interval [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    if not low <= value <= high:
+    if not low <= value <= high:  # also rejects NaN (a value error, as in check_ratio)
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     return float(value)
 

@@ -111,6 +111,9 @@ def assign_to_centres(dist: torch.Tensor, centre_idx: torch.Tensor) -> torch.Ten
     b, n, _ = dist.shape
     if centre_idx.shape[0] != b or int(centre_idx.min()) < 0 or int(centre_idx.max()) >= n:
         raise ValueError(f"centre_idx must be [B={b}, K] with values in [0, {n})")
+    if bool((centre_idx.sort(dim=1).values.diff(dim=1) == 0).any()):
+        # a repeated centre would leave one of its slots without any member
+        raise ValueError("centre_idx must not repeat a token within a row")
     k = centre_idx.shape[1]
     to_centres = dist.gather(2, centre_idx[:, None, :].expand(b, n, k))
     assign = to_centres.argmin(dim=-1)

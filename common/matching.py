@@ -192,11 +192,13 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_first: int = 0
 
     Args:
         metric: ``[B, N, C]`` floating point (keys in ToMe).
-        r: tokens to remove, clipped to the size of A.
+        r: tokens to remove, clipped as ToMe does to
+            ``(N - protect_first) // 2`` (at most half of the unprotected
+            tokens; never more than ``|A|``).
         protect_first: number of leading tokens never merged.
 
     Returns:
-        :class:`Merge` with ``K = N - min(r, |A|)``.
+        :class:`Merge` with ``K = N - min(r, (N - protect_first) // 2)``.
     """
     metric = check_tensor("metric", metric, 3, floating=True)
     check_finite("metric", metric)
@@ -208,7 +210,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_first: int = 0
     b_start = min(protect_first + 1 - protect_first % 2, n)
     a_idx = torch.arange(a_start, n, 2, device=device)
     b_idx = torch.arange(b_start, n, 2, device=device)
-    r = min(r, a_idx.numel()) if b_idx.numel() > 0 else 0
+    # ToMe: "we can only reduce by a maximum of 50% tokens" (<= |A|, and B is non-empty)
+    r = min(r, (n - protect_first) // 2, a_idx.numel()) if b_idx.numel() > 0 else 0
     target = torch.arange(n, device=device).expand(b, n).clone()
     if r == 0:
         return merge_from_targets(target)
@@ -372,6 +375,7 @@ def match_src_to_dst(
         Ties go to the lowest-numbered dst position in ``dst_idx``.
     """
     metric = check_tensor("metric", metric, 3, floating=True)
+    check_finite("metric", metric)
     b, n, _ = metric.shape
     dst_idx = _as_batched_index("dst_idx", dst_idx, b, n)
     src_idx = _as_batched_index("src_idx", src_idx, b, n)

@@ -135,7 +135,8 @@ def weighted_average_merge(
         x: ``[B, N, *]`` floating point.
         dst_of: ``[B, N]`` long in ``[0, K)``.
         num_kept: ``K``.
-        size: ``[B, N]`` (or ``[B, N, 1]``) positive sizes; default ones.
+        size: ``[B, N]`` (or ``[B, N, 1]``) non-negative sizes; default ones.
+            A slot whose members all have size 0 comes out as zeros.
 
     Returns:
         ``(merged [B, K, *], merged_size [B, K])``; ``merged_size`` is in
@@ -157,6 +158,8 @@ def weighted_average_merge(
             raise ValueError(f"size must be [B, N] or [B, N, 1], got {tuple(size.shape)}")
         if not size.is_floating_point():
             size = size.to(torch.float32)
+        if bool((size < 0).any()):
+            raise ValueError("size must be non-negative")
     acc = _acc_dtype(x.dtype)
     sacc = size.to(acc)
     x3 = x.reshape(b, n, -1).to(acc)

@@ -9,6 +9,7 @@ pick is sequential by definition) with the work on all N tokens vectorised.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -113,9 +114,14 @@ def k_center_greedy(
     if start is None:
         first = (feats - feats.mean(1, keepdim=True)).norm(dim=-1).argmax(dim=1)
     else:
-        if isinstance(start, bool):
-            raise TypeError("start must be an int or a long tensor, got bool")
-        first = torch.as_tensor(start, device=xb.device).expand(b).long()
+        if isinstance(start, bool) or not isinstance(start, (numbers.Integral, torch.Tensor)):
+            raise TypeError(f"start must be an int or a long tensor, got {type(start).__name__}")
+        first = torch.as_tensor(start, device=xb.device)
+        if first.is_floating_point() or first.is_complex() or first.dtype == torch.bool:
+            raise TypeError(f"start must be an int or a long tensor, got {first.dtype}")
+        if first.ndim > 1 or (first.ndim == 1 and first.shape[0] not in (1, b)):
+            raise ValueError(f"start must be an int or a [B={b}] tensor, got {tuple(first.shape)}")
+        first = first.long().expand(b).contiguous()
         if int(first.min()) < 0 or int(first.max()) >= n:
             raise ValueError(f"start must be in [0, {n}), got {start}")
     init = torch.full((b, n), float("inf"), device=xb.device)

@@ -114,6 +114,8 @@ def best_match(
     _check_compute_dtype(compute_dtype)
     if exclude_self and a.shape[1] != b.shape[1]:
         raise ValueError("exclude_self needs a and b of the same length")
+    if exclude_self and b.shape[1] < 2:
+        raise ValueError("exclude_self needs at least 2 tokens in b (else no match exists)")
     bsz, n, _ = a.shape
     out_dtype = _out_dtype(a.dtype)
     cd = compute_dtype or out_dtype

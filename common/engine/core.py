@@ -439,9 +439,10 @@ class EngineHandle:
         plan: the :class:`TokenPlan`.
         num_layers: decoder depth.
         last_plan: after a pruned prefill, a dict with ``prefill_length``,
-            ``kept_length`` (per stage layer) and ``keep_idx`` (per stage
-            layer: ``[B, L_l]`` original indices of the surviving tokens),
-            else ``None``.
+            ``kept_length`` (per stage layer that pruned) and ``keep_idx``
+            (per such layer: ``[B, L_l]`` original indices of the surviving
+            tokens); ``None`` when the latest prefill pruned nothing. Decoding
+            steps and later chunks on the same cache leave it as it is.
         num_pruned_prefills: how many prefills were pruned so far.
     """
 
@@ -453,6 +454,11 @@ class EngineHandle:
         span_token_id: int | Iterable[int] | None = None,
         layers_name: str = "layers",
     ) -> None:
+        if not isinstance(plan, TokenPlan):
+            raise TypeError(
+                "plan must be a TokenPlan (attribute layers, methods keep() and score()), got "
+                f"{type(plan).__name__}"
+            )
         self.model = model
         self.plan = plan
         self.decoder, self.layers = find_decoder_layers(model)
@@ -607,6 +613,7 @@ class EngineHandle:
 
     def _start_prefill(self, hidden: Tensor, cache: Any) -> None:
         self._state = None
+        self.last_plan = None  # describes this prefill once a stage prunes, else stays None
         if cache is not None and getattr(cache, "is_compileable", False):
             raise NotImplementedError(
                 "the engine needs a dynamic KV cache (DynamicCache); static / compilable caches "
@@ -633,6 +640,13 @@ class EngineHandle:
         if int(counts[0]) == 0:
             logger.debug("empty span: nothing is pruned")
             return
+        if bool(mask[:, -1].any()):
+            # the last position is the usual scoring query and the token whose logits
+            # generate() reads; dropping it silently changes the next token
+            logger.warning(
+                "spans include the last prompt position: it may be pruned, and then the "
+                "returned last-position logits belong to another token"
+            )
         self._state = _Prefill(
             full_len=length,
             batch=b,

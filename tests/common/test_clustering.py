@@ -106,3 +106,5 @@ def test_bad_input():
         dpc_knn(torch.tensor([[float("inf"), 0.0]]), 1)
     with pytest.raises(ValueError, match="centre_idx"):
         assign_to_centres(torch.rand(1, 4, 4), torch.tensor([[5]]))
+    with pytest.raises(ValueError, match="centre_idx"):  # slot 0 would get no member
+        assign_to_centres(torch.rand(1, 4, 4), torch.tensor([[0, 0]]))

@@ -121,6 +121,16 @@ def test_bipartite_r_zero_and_half():
     assert m.merge(x.bfloat16(), "wavg").dtype == torch.bfloat16
 
 
+def test_bipartite_caps_r_at_half_like_tome():
+    # ToMe: r = min(r, (t - protected) // 2). With N=5, A = {0, 2, 4} has 3 tokens but
+    # only 2 may merge (the 50 % cap), so 3 tokens survive, not 2.
+    metric = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0))
+    assert bipartite_soft_matching(metric, r=3).num_kept == 3
+    assert bipartite_soft_matching(metric, r=3, protect_first=1).num_kept == 3
+    assert bipartite_soft_matching(metric, r=3, protect_first=2).num_kept == 4
+    assert bipartite_soft_matching(metric[:, :2], r=1, protect_first=1).num_kept == 2
+
+
 def test_bipartite_bad_input():
     with pytest.raises(ValueError, match="metric"):
         bipartite_soft_matching(torch.randn(4, 3), 1)
@@ -151,8 +161,8 @@ def test_bipartite_properties(b, n, r, p, seed):
     m = bipartite_soft_matching(metric, r, protect_first=p)
     _check_merge_invariants(m, n)
     n_a = len(range(p + p % 2, n, 2))
-    n_b = len(range(p + 1 - p % 2, n, 2))
-    assert m.num_kept == n - (min(r, n_a) if n_b else 0)
+    assert m.num_kept == n - min(r, (n - p) // 2)  # ToMe's cap: at most half
+    assert min(r, (n - p) // 2) <= n_a
     # merging preserves the size-weighted sum
     y = m.merge(x, "wavg", size=size)
     ms = m.merge_size(size)
@@ -261,6 +271,10 @@ def test_match_src_to_dst_bad_input():
         match_src_to_dst(metric, torch.tensor([0]), torch.tensor([1]), chunk_size=0)
     with pytest.raises(TypeError, match="compute_dtype"):
         match_src_to_dst(metric, torch.tensor([0]), torch.tensor([1]), compute_dtype=torch.int8)
+    bad = metric.clone()
+    bad[0, 3, 0] = float("nan")  # a NaN would silently send token 3 to dst slot 0
+    with pytest.raises(ValueError, match="metric"):
+        match_src_to_dst(bad, torch.tensor([0, 1]), torch.tensor([2, 3, 4]))
 
 
 @SETTINGS

@@ -96,6 +96,8 @@ def test_bad_input():
         centre_weighted_merge(x, torch.tensor([[0, 1]]), torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="size"):
         weighted_average_merge(x, torch.tensor([[0, 1, 1, 1]]), 3, torch.ones(1, 3))
+    with pytest.raises(ValueError, match="size"):
+        weighted_average_merge(x, torch.tensor([[0, 1, 1, 1]]), 3, torch.tensor([[1.0, -1, 1, 1]]))
     with pytest.raises(ValueError, match="y"):
         unmerge(torch.randn(3), torch.tensor([[0]]))
 

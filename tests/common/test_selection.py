@@ -78,6 +78,15 @@ def test_k_center_known_answer():
         k_center_greedy(x, 2, distance="l1")
     with pytest.raises(ValueError, match="start"):
         k_center_greedy(x, 2, start=9)
+    # per-row starts: a [B] tensor; a wrong length or a float start is refused by name
+    xb = torch.stack([x, x.flip(0)])
+    assert k_center_greedy(xb, 1, start=torch.tensor([1, 2])).tolist() == [[1], [2]]
+    with pytest.raises(ValueError, match="start"):
+        k_center_greedy(xb, 2, start=torch.tensor([0, 1, 2]))
+    with pytest.raises(TypeError, match="start"):
+        k_center_greedy(x, 2, start=torch.tensor(1.7))
+    with pytest.raises(TypeError, match="start"):
+        k_center_greedy(x, 2, start=1.0)
     with pytest.raises(TypeError, match="x"):
         k_center_greedy(torch.ones(3, 2, dtype=torch.long), 2)
 

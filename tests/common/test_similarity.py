@@ -88,6 +88,8 @@ def test_bad_input():
         cosine_similarity_matrix(torch.randn(2, 3), compute_dtype="bf16")
     with pytest.raises(ValueError, match="b"):
         best_match(torch.randn(1, 2, 3), torch.randn(1, 2, 4))
+    with pytest.raises(ValueError, match="exclude_self"):  # one token has no other match
+        best_match(torch.randn(1, 1, 3), torch.randn(1, 1, 3), exclude_self=True)
     with pytest.raises(ValueError, match="x"):
         adjacent_frame_similarity(torch.randn(1, 4, 3))
     with pytest.raises(ValueError, match="x"):

@@ -90,10 +90,15 @@ def test_token_id_detection_and_set_spans():
             emb = model.get_input_embeddings()(ids)
             c = model(inputs_embeds=emb, attention_mask=inputs["attention_mask"]).logits
         torch.testing.assert_close(c, a, atol=1e-6, rtol=0)
+        # a later prefill that prunes nothing does not leave the old plan behind
+        h.set_spans([])  # an empty declaration: nothing to prune
+        with torch.no_grad():
+            model(**inputs)
+        assert h.last_plan is None and h.num_pruned_prefills == 3
     # no span at all -> nothing pruned
     with FastV(layer=1, keep_ratio=0.5).apply(model) as h, torch.no_grad():
         out = model(**inputs).logits
-    assert out.shape[1] == ids.shape[1] and h.num_pruned_prefills == 0
+    assert out.shape[1] == ids.shape[1] and h.num_pruned_prefills == 0 and h.last_plan is None
 
 
 def test_apply_twice_replaces_and_removes_cleanly():
@@ -293,3 +298,20 @@ def test_slicing_helpers_for_layouts_not_used_by_the_tiny_models():
     assert _slice_rotary(old, idx).shape == (3, 2, 3, 4)
     with pytest.raises(RuntimeError, match="pruned prefill"):
         _slice_mask_decode(mask2d_dec, idx, 9)
+
+
+def test_apply_plan_refuses_a_non_plan():
+    model, _, _ = build("qwen2", "sdpa")
+    with pytest.raises(TypeError, match="plan"):
+        apply_plan(model, object())
+    assert hook_snapshot(model) == hook_snapshot(build("qwen2", "sdpa")[0])
+
+
+def test_span_over_the_last_position_warns(caplog):
+    model, inputs, _ = build("llama", "sdpa")
+    length = inputs["input_ids"].shape[1]
+    with FastV(layer=1, keep_ratio=0.5).apply(model, spans=[(length - 4, length)]) as h:
+        with caplog.at_level("WARNING", logger="common.engine.core"), torch.no_grad():
+            model(**inputs)
+    assert "last prompt position" in caplog.text
+    assert h.num_pruned_prefills == 1
