@@ -258,7 +258,7 @@ def test_grounding_track_rows_on_handmade_scene(tmp_path, monkeypatch):
         grounding_max_queries=2,
     )
     tr = track_mod.GroundingTrack(args, data=None)
-    tr._records = [Rec(0, "the chair", True), Rec(1, "the table", False)]
+    tr._records = {"scene0000_00": [Rec(0, "the chair", True), Rec(1, "the table", False)]}
     assert tr.settings() == ["full", "tsp3d", "tsp3d-nocba", "tsp3d-oracle", "tsp3d@0.5"]
     rows = list(tr.run_scene(Scene(), tr.settings()))
     assert [r["setting"] for r in rows] == tr.settings()
@@ -307,6 +307,7 @@ def test_oracle_scores_keep_target_and_cba_restores_it():
     assert (dist(with_cba, target) < 0.3).any()
     # the context manager restores the learned heads
     assert "score" not in vars(m.tgp_scene) and "forward" not in vars(m.cba.head)
+    assert not m.cba.pos_embed._forward_hooks  # the position hook is gone too
 
 
 @pytest.mark.slow
@@ -321,3 +322,101 @@ def test_overfit_one_expression_grounds_its_target():
         out = m(m.scene_batch(s.points, s.colors), [s.text], generator=torch.Generator())
     assert axis_aligned_iou(out.boxes[0], s.target_box).item() > 0.25
     assert out.counts["kept_32"] < out.counts["decoder_32"]
+
+
+def test_resume_reproduces_uninterrupted_training(tmp_path):
+    """Stop after 2 steps and resume: same losses and weights as one 5-step run
+    (optimiser, scheduler with warm-up and decay, step, sampling and dropout RNG)."""
+
+    def cfg(steps):
+        return TrainConfig(
+            steps=steps,
+            batch_size=2,
+            lr=3e-3,
+            clip_norm=10.0,
+            warmup_steps=2,
+            decay_steps=(3,),
+            save_every=2,
+            progress=False,
+        )
+
+    samples = [_sample(0), _sample(1)]
+    whole = _model(dropout=0.1)
+    hist = train(whole, samples, cfg(5), out_dir=tmp_path / "a")
+    first = train(_model(dropout=0.1), samples, cfg(2), out_dir=tmp_path / "b")
+    resumed = _model(seed=7, dropout=0.1)  # different init: everything must come from disk
+    rest = train(resumed, samples, cfg(5), out_dir=tmp_path / "b")
+    assert [h["step"] for h in first + rest] == [1, 2, 3, 4, 5]
+    assert [h["loss"] for h in first + rest] == [h["loss"] for h in hist]
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    # a checkpoint of another architecture is refused instead of half-loaded
+    with pytest.raises(ValueError, match="does not match"):
+        train(_model(num_layers=2), samples, cfg(6), out_dir=tmp_path / "b")
+
+
+def test_loss_accepts_targets_of_another_dtype():
+    m = _model(dropout=0.0).train()
+    s = _sample()
+    out = m(m.scene_batch(s.points, s.colors), [s.text], generator=torch.Generator())
+    a = grounding_loss(out, s.target_box[None], [s.scene_centers], [s.target_centers], m.config)
+    b = grounding_loss(
+        out,
+        s.target_box[None].double(),
+        [s.scene_centers.double()],
+        [s.target_centers.double()],
+        m.config,
+    )
+    assert all(torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_grounding_track_reads_full_scanrefer_with_partial_scannet(tmp_path):
+    """Real ScanRefer JSONs have no unique field and name scenes the user may not have
+    downloaded: the track must only read the annotations of the scene it evaluates."""
+    import json
+
+    pytest.importorskip("open3d")
+    pytest.importorskip("PIL")
+    from threed.scannet import ensure_synthetic, load_scene
+    from threed.tsp3d import track as track_mod
+
+    syn = ensure_synthetic(
+        tmp_path / "syn", num_scenes=1, seed=0, num_frames=1, image_size=(32, 24)
+    )
+    recs = json.loads(syn.scanrefer_path.read_text())
+    drop = ("unique", "is_unique", "eval_type", "split_type")
+    recs = [{k: v for k, v in r.items() if k not in drop} for r in recs]
+    recs.append({**recs[0], "scene_id": "scene0999_00"})  # not on disk
+    path = tmp_path / "ScanRefer_val.json"
+    path.write_text(json.dumps(recs))
+    data = argparse.Namespace(scannet_root=syn.scannet_root, scanrefer_path=path)
+    tr = track_mod.GroundingTrack.__new__(track_mod.GroundingTrack)
+    tr.data, tr._records, tr.max_queries = data, {}, 100
+    scene = load_scene(syn.scene_ids[0], syn.scannet_root)
+    got = tr._scene_records(scene)
+    assert len(got) == len(recs) - 1 and all(r.scene_id == scene.scene_id for r in got)
+    assert [r.unique for r in got] == [scene.is_unique(r.object_id) for r in got]
+
+
+def test_keep_loss_polarity_matches_inference_pruning():
+    """The keep loss must lower the logit (= P(prune)) of voxels inside the keep cube and
+    raise it outside, the direction in which ``sigmoid(-logit) > threshold`` keeps them."""
+    from threed.tsp3d.pruning import keep_targets
+
+    m = _model(dropout=0.0).train()
+    s = _sample()
+    out = m(m.scene_batch(s.points, s.colors), [s.text], generator=torch.Generator())
+    for level in (64, 32):
+        out.keep[level]["logits"].retain_grad()
+    losses = grounding_loss(
+        out, s.target_box[None], [s.scene_centers], [s.target_centers], m.config
+    )
+    losses["keep_loss"].backward()
+    centers = {64: torch.cat([s.scene_centers, s.target_centers]), 32: s.target_centers}
+    hw = dict(zip((64, 32), m.config.keep_half_widths))
+    for level in (64, 32):
+        k = out.keep[level]
+        inside = keep_targets(k["positions"].detach(), k["batch_idx"], [centers[level]], hw[level])
+        grad = k["logits"].grad
+        assert inside.any() and (~inside).any()
+        assert (grad[inside] > 0).all() and (grad[~inside] < 0).all()

@@ -324,3 +324,28 @@ def test_transposed_conv_at_matches_generative_upsample_rows():
     rows = torch.randperm(y.indices.shape[0], generator=g)[:50]
     got = transposed_conv_at(x, conv, y.indices[rows])
     assert torch.allclose(got, y.features[rows], atol=1e-5)
+
+
+def test_bi_encoder_vision_cross_attention_reads_text_before_its_update():
+    """Official ``CrossAttentionLayer``: voxels attend to the text as it was before the
+    text -> voxel update, so the text branch's cross-attention / FFN cannot reach them."""
+    from threed.tsp3d.pruning import BiEncoderLayer
+
+    torch.manual_seed(0)
+    layer = BiEncoderLayer(d_model=8, n_heads=2, dim_feedforward=8, dropout=0.0).eval()
+    vis, pos, txt = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 3, 8)
+    vis_pad = torch.zeros(2, 5, dtype=torch.bool)
+    txt_pad = torch.tensor([[False, False, True], [False, False, False]])
+    v1, t1 = layer(vis, pos, vis_pad, txt, txt_pad)
+    with torch.no_grad():
+        for p in [*layer.cross_lv.parameters(), *layer.ffn_lv.parameters()]:
+            p.add_(torch.randn_like(p))
+    v2, t2 = layer(vis, pos, vis_pad, txt, txt_pad)
+    assert not torch.allclose(t1, t2)  # the text branch did change
+    assert torch.allclose(v1, v2, atol=1e-6)
+
+
+def test_lookup_into_empty_source_stays_on_query_device():
+    q = torch.tensor([[0, 1, 1, 1]], dtype=torch.int32)
+    got = lookup(torch.zeros(0, 4, dtype=torch.int32), q, [4, 4, 4])
+    assert got.tolist() == [-1] and got.device == q.device and got.dtype == torch.long

@@ -87,6 +87,11 @@ def grounding_loss(
     ``keep_loss``, ``cls_loss``, ``bbox_loss``, ``com_loss`` and their sum ``loss``.
     """
     a, g = config.focal_alpha, config.focal_gamma
+    # targets usually come from the CPU data pipeline while the model may run on CUDA
+    dev = out.positions.device
+    target_boxes = target_boxes.to(device=dev, dtype=out.voxel_boxes.dtype)
+    scene_centers = [c.to(dev) for c in scene_centers]
+    target_centers = [c.to(dev) for c in target_centers]
     bsz = target_boxes.shape[0]
     # keep loss (64: all objects + target/anchor, 32: target/anchor only)
     keep_loss = target_boxes.new_zeros(())

@@ -251,7 +251,11 @@ def make_scene_batch(
     vox, idx, feats, shape = [], [], [], [0, 0, 0]
     for b, (p, c) in enumerate(zip(points, colors)):
         p = torch.as_tensor(p, dtype=torch.float32)
-        c = torch.zeros_like(p) if c is None else torch.as_tensor(c, dtype=torch.float32)
+        c = (
+            torch.zeros_like(p)
+            if c is None
+            else torch.as_tensor(c, dtype=torch.float32, device=p.device)
+        )
         v = voxelize(p, torch.cat([p, c], 1), voxel_size)
         vox.append(v)
         i = v.indices.clone()

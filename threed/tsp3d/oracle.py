@@ -21,8 +21,6 @@ import contextlib
 import torch
 from torch import Tensor
 
-from . import pruning as _pruning
-
 __all__ = ["oracle_scores"]
 
 
@@ -54,7 +52,6 @@ def oracle_scores(
     t32 = tc if target_level_center is None else torch.as_tensor(target_level_center).float()
     tcba = tc if cba_center is None else torch.as_tensor(cba_center).float()
     orig_scene, orig_target = model.tgp_scene.score, model.tgp_target.score
-    orig_encode = _pruning.encode_voxels
     captured: dict[str, Tensor] = {}
 
     def scene_score(x, positions, *a, **k):
@@ -69,10 +66,10 @@ def oracle_scores(
             raise RuntimeError("oracle_scores needs every voxel scored (eval mode)")
         return x_enc, sharpness * _cube_distance(positions, t32[None], hw32), txt
 
-    def encode(encoder, pos_embed, features, positions, *a):
-        if encoder is model.cba.encoder:
-            captured["cba"] = positions
-        return orig_encode(encoder, pos_embed, features, positions, *a)
+    def remember_positions(module, args, output):
+        # CBA embeds its candidates' positions right before its head runs, so the last
+        # input of its position embedding is what the head scores (no global patching)
+        captured["cba"] = args[0]
 
     def cba_head(vis):  # a plain P(add) logit
         d = (captured["cba"] - tcba.to(captured["cba"])).norm(dim=1)
@@ -80,9 +77,9 @@ def oracle_scores(
 
     model.tgp_scene.score, model.tgp_target.score = scene_score, target_score
     model.cba.head.forward = cba_head
-    _pruning.encode_voxels = encode
+    hook = model.cba.pos_embed.register_forward_hook(remember_positions)
     try:
         yield model
     finally:
         del model.tgp_scene.score, model.tgp_target.score, model.cba.head.forward
-        _pruning.encode_voxels = orig_encode
+        hook.remove()

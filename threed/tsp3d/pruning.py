@@ -115,11 +115,13 @@ class BiEncoderLayer(nn.Module):
                 self.self_txt(txt, txt, txt, key_padding_mask=txt_pad, need_weights=False)[0]
             )
         )
-        qv = vis + pos
+        # both cross-attentions read the inputs of the cross step (official
+        # CrossAttentionLayer binds ``kt = vt = text_feats`` before updating the text)
+        qv, txt_in = vis + pos, txt
         t2 = self.cross_lv(txt, vis, vis, key_padding_mask=vis_pad, need_weights=False)[0]
         txt = self.norm_lv(txt + self.drop_lv(t2))
         txt = self.norm_lv2(txt + self.ffn_lv(txt))
-        v2 = self.cross_vl(qv, txt, txt, key_padding_mask=txt_pad, need_weights=False)[0]
+        v2 = self.cross_vl(qv, txt_in, txt_in, key_padding_mask=txt_pad, need_weights=False)[0]
         vis = self.norm_vl(vis + self.drop_vl(v2))
         vis = self.norm_vl2(vis + self.ffn_vl(vis))
         return vis, txt

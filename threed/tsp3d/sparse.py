@@ -94,7 +94,9 @@ def lookup(src_indices: Tensor, query_indices: Tensor, spatial_shape) -> Tensor:
     if query_indices.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=src_indices.device)
     if src_indices.shape[0] == 0:
-        return torch.full((query_indices.shape[0],), -1, dtype=torch.long)
+        return torch.full(
+            (query_indices.shape[0],), -1, dtype=torch.long, device=query_indices.device
+        )
     src = coord_keys(src_indices, spatial_shape)
     qry = coord_keys(query_indices, spatial_shape)
     skeys, order = torch.sort(src)
@@ -283,7 +285,7 @@ def voxelize(
     if not voxel_size > 0:
         raise ValueError(f"voxel_size must be > 0, got {voxel_size}")
     pts = points.float()
-    feats = pts if features is None else features.float()
+    feats = pts if features is None else features.float().to(pts.device)
     if feats.shape[0] != pts.shape[0]:
         raise ValueError("features must have one row per point")
     cell = voxel_size * coarsest_stride
@@ -305,9 +307,12 @@ def voxelize(
         raise ValueError(
             "points fall into a single voxel; nothing to ground (use a smaller voxel_size)"
         )
-    count = torch.zeros(uniq.shape[0]).index_add_(0, inverse, torch.ones(pts.shape[0]))
-    summed = torch.zeros(uniq.shape[0], feats.shape[1]).index_add_(0, inverse, feats)
-    idx = torch.cat([torch.zeros(uniq.shape[0], 1, dtype=torch.long), uniq], dim=1)
+    dev = pts.device
+    count = torch.zeros(uniq.shape[0], device=dev).index_add_(
+        0, inverse, torch.ones(pts.shape[0], device=dev)
+    )
+    summed = torch.zeros(uniq.shape[0], feats.shape[1], device=dev).index_add_(0, inverse, feats)
+    idx = torch.cat([torch.zeros(uniq.shape[0], 1, dtype=torch.long, device=dev), uniq], dim=1)
     return Voxelization(
         idx.to(torch.int32), summed / count[:, None], inverse, lo, shape, float(voxel_size)
     )

@@ -80,6 +80,12 @@ def parse_thresholds(text: str | None) -> tuple[float, float]:
     return vals  # type: ignore[return-value]
 
 
+def _object_centres(scene) -> torch.Tensor:
+    """``[M, 3]`` centres of the scene's objects (walls / floor / ceiling excluded)."""
+    boxes = [np.asarray(i.box[:3], dtype=np.float32) for i in scene.objects()]
+    return torch.as_tensor(np.stack(boxes)) if boxes else torch.zeros(0, 3)
+
+
 class GroundingTrack:
     """TSP3D grounding with and without pruning (see the module docstring)."""
 
@@ -149,19 +155,23 @@ class GroundingTrack:
             self.accuracy_valid = False
         self.model.to(self.device).eval()
         self.data = data
-        self._records = None
+        self._records: dict[str, list] = {}  # scene id -> its ScanRefer records
 
     # ------------------------------------------------------------------ data
     def _scene_records(self, scene) -> list:
-        if self._records is None:
+        """The scene's ScanRefer records (first ``max_queries``).  Read per scene, so the
+        unique / multiple split only needs this scene's annotations: a full ScanRefer file
+        works with a partial ScanNet download."""
+        if scene.scene_id not in self._records:
             from threed.scannet import load_scanrefer
 
             path = getattr(self.data, "scanrefer_path", None)
             if path is None:
                 raise ValueError("the grounding track needs ScanRefer records (--scanrefer)")
-            self._records = load_scanrefer(path, getattr(self.data, "scannet_root", None))
-        recs = [r for r in self._records if r.scene_id == scene.scene_id]
-        return recs[: self.max_queries]
+            self._records[scene.scene_id] = load_scanrefer(
+                path, getattr(self.data, "scannet_root", None), scene_ids={scene.scene_id}
+            )
+        return self._records[scene.scene_id][: self.max_queries]
 
     # Columns of the summary table (every field stays in rows.jsonl / summary.json).
     table_columns = [
@@ -234,9 +244,7 @@ class GroundingTrack:
             ]
         )
         unique = [bool(r.unique) for r in recs]
-        centres = torch.stack(
-            [torch.as_tensor(np.asarray(i.box[:3], dtype=np.float32)) for i in scene.objects()]
-        )
+        centres = _object_centres(scene)
         self._run(batch, recs[0].description, "full")  # warm-up (not timed)
         full = [self._run(batch, r.description, "full") for r in recs]
         full_boxes = torch.stack([o.boxes[0].cpu() for o, _ in full])
@@ -309,9 +317,7 @@ class GroundingTrack:
         batch = make_scene_batch([pts], [cols], self.model.config.voxel_size)
         panels = [("tsp3d", None)]
         if not self.accuracy_valid:
-            centres = torch.stack(
-                [torch.as_tensor(np.asarray(i.box[:3], dtype=np.float32)) for i in scene.objects()]
-            )
+            centres = _object_centres(scene)
             target = torch.as_tensor(np.asarray(scene.instance(r.object_id).box[:3]))
             panels.append(("tsp3d-oracle", (centres, target.float())))
         fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 6), squeeze=False)

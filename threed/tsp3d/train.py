@@ -212,12 +212,23 @@ def train(
     ckpt_path = Path(out_dir) / "last.pt" if out_dir is not None else None
     if ckpt_path is not None and resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["model"], strict=False)
+        missing, unexpected = model.load_state_dict(ck["model"], strict=False)
+        missing = [k for k in missing if not k.startswith("text_encoder.")]
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint {ckpt_path} does not match the model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         start = int(ck["step"])
         logger.info("resumed from %s at step %d", ckpt_path, start)
     model.train()
+    dev = next(model.parameters()).device
+    # fork the RNG of the device dropout runs on, so the caller's stream is left untouched
+    rng_devices = []
+    if dev.type == "cuda":
+        rng_devices = [dev.index if dev.index is not None else torch.cuda.current_device()]
     history = []
     bar = tqdm(range(start, cfg.steps), disable=not cfg.progress, desc="train")
     for step in bar:
@@ -227,7 +238,7 @@ def train(
         sb = make_scene_batch(
             [s.points for s in batch], [s.colors for s in batch], model.config.voxel_size
         )
-        with torch.random.fork_rng(devices=[]):  # dropout: seeded, caller's RNG untouched
+        with torch.random.fork_rng(devices=rng_devices):  # dropout: seeded per step
             torch.manual_seed(cfg.seed * 1_000_003 + step)
             out = model(sb, [s.text for s in batch], prune=True, generator=g)
         losses = grounding_loss(
