@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     p.add_argument("--out", type=Path, default=Path("bench/results.json"))
     args = p.parse_args(argv)
-    areas = args.only.split(",") if args.only else AREAS
+    areas = [a.strip() for a in args.only.split(",") if a.strip()] if args.only else AREAS
     unknown = [a for a in areas if a not in AREAS]
     if unknown:
         p.error(f"--only: unknown areas {unknown}; choose from {AREAS}")

@@ -90,9 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         from threed.scannet import ensure_synthetic
 
         print(f"no --scannet-root: using generated scenes in {args.synthetic_root}")
-        syn = ensure_synthetic(
-            root=args.synthetic_root, num_scenes=args.num_synthetic_scenes, seed=args.seed
-        )
+        try:
+            syn = ensure_synthetic(
+                root=args.synthetic_root, num_scenes=args.num_synthetic_scenes, seed=args.seed
+            )
+        except ValueError as e:  # e.g. --num-synthetic-scenes out of range
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         data = DataPaths(
             syn.scannet_root,
             syn.posed_images_root,

@@ -50,6 +50,9 @@ def test_eval_scannet_bad_arguments(tmp_path, capsys):
     assert e.value.code == 2 and "--ratios" in capsys.readouterr().err
     assert eval_scannet.main(["--scannet-root", str(tmp_path / "missing")]) == 2
     assert "--scannet-root" in capsys.readouterr().err
+    argv = ["--synthetic-root", str(tmp_path / "syn"), "--num-synthetic-scenes", "0"]
+    assert eval_scannet.main(argv) == 2
+    assert "num_scenes" in capsys.readouterr().err
 
 
 def test_bench_driver_quick(tmp_path, monkeypatch):

@@ -65,10 +65,15 @@ def _run(tmp_path, scenes):
 def test_rows_summary_and_resume_after_crash(tmp_path, patched):
     scenes = ["scene_a", "scene_b"]
     CountingTrack.crash_after = 4  # dies on the 2nd setting of scene_b
-    _run(tmp_path, scenes)
+    first = _run(tmp_path, scenes)
     rows = read_rows(tmp_path / "out" / "rows.jsonl")
     assert sum(r["status"] == "ok" for r in rows) == 4
-    assert any(r["status"] == "failed" and "simulated crash" in r["error"] for r in rows)
+    (failed,) = [r for r in rows if r["status"] == "failed"]
+    assert "simulated crash" in failed["error"] and failed["settings"] == ["half", "tenth"]
+    # scene_b has one ok row, but two settings failed: it still counts as failed
+    assert all(e["num_failed"] == 1 for e in first)
+    failed_scenes = json.loads((tmp_path / "out" / "summary.json").read_text())["failed_scenes"]
+    assert failed_scenes == ["scene_b"]
 
     CountingTrack.crash_after = None
     CountingTrack.calls = []
@@ -130,3 +135,43 @@ def test_shards_split_scenes_and_rank0_merges(tmp_path, patched, monkeypatch):
     assert {s for s, _ in CountingTrack.calls} == set(scenes)
     assert all(e["num_scenes"] == 3 for e in summary)
     assert len(read_rows(tmp_path / "out" / "rows.jsonl")) == 9
+
+
+class FlakyTrack(CountingTrack):
+    """A second track that always fails on scene_a."""
+
+    name = "flaky"
+
+    def run_scene(self, scene, settings):
+        if scene == "scene_a":
+            raise RuntimeError("flaky")
+        yield from super().run_scene(scene, settings)
+
+
+def test_failure_in_one_track_is_not_hidden_by_another(tmp_path, patched, monkeypatch):
+    monkeypatch.setitem(runner.TRACKS, "flaky", f"{__name__}:FlakyTrack")
+    data = DataPaths(tmp_path, None, scene_ids=["scene_a"])
+    cfg = EvalConfig(
+        out=tmp_path / "out", tracks=["counting", "flaky"], scenes=["scene_a"], visualize=False
+    )
+    summary = run_eval(argparse.Namespace(device="cpu"), data, cfg)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["failed_scenes"] == [
+        "scene_a"
+    ]
+    assert {e["track"]: e["num_failed"] for e in summary} == {"counting": 0}
+
+
+def test_single_process_rerun_picks_up_unmerged_shards(tmp_path, patched, monkeypatch):
+    """A sharded run that died before rank 0 merged: a plain rerun reuses its rows."""
+    monkeypatch.setattr(runner, "_barrier", lambda world: None)
+    scenes = ["scene_a", "scene_b"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert _run(tmp_path, scenes) is None  # rank 1 did scene_b; rank 0 never ran
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    CountingTrack.calls = []
+    summary = _run(tmp_path, scenes)
+    assert {s for s, _ in CountingTrack.calls} == {"scene_a"}  # scene_b not run again
+    assert all(e["num_scenes"] == 2 for e in summary)
+    assert len(read_rows(tmp_path / "out" / "rows.jsonl")) == 6

@@ -52,3 +52,26 @@ def test_bad_inputs_and_config():
         VGGTConfig.small(embed_dim=60, num_heads=4)
     with pytest.raises(ValueError, match="intermediate_layers"):
         VGGTConfig.small(intermediate_layers=(0, 1, 2, 9))
+
+
+def test_patch_embed_tokens_stay_float32_under_autocast(model):
+    """Like DINOv2 (the float32 class token promotes the concatenation), the half
+    patch embeddings under autocast get the class / register tokens and position
+    embedding added in float32 (CPU autocast stands in for CUDA's here)."""
+    dino = model.aggregator.patch_embed
+    seen = []
+    hook = dino.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    x = torch.rand(2, 3, 42, 56)
+    try:
+        with torch.no_grad():
+            ref = dino.patch_embed(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                dino(x)
+    finally:
+        hook.remove()
+    (tokens,) = seen
+    assert tokens.dtype == torch.float32
+    # the position embedding was added in float32 to the bf16-rounded patch features
+    pos = dino._pos_embed(3, 4, torch.float32)[:, 1:]
+    expect = ref.to(torch.bfloat16).float() + pos
+    torch.testing.assert_close(tokens[:, 1 + dino.num_register_tokens :], expect, atol=0.05, rtol=0)

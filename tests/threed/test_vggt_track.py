@@ -62,3 +62,19 @@ def test_rows_and_visual(scene, tmp_path):
     assert merged["tokens_kept"] < merged["tokens_total"]
     paths = track.visualize(scene, tmp_path)
     assert paths and paths[0].exists() and paths[0].stat().st_size > 0
+
+
+def test_timings_come_from_a_warm_forward(monkeypatch):
+    """The first forward of a setting (cold on CUDA) gives the outputs; the reported
+    times are those of the second, warm one, for ``full`` and merged alike."""
+    track = VGGTTrack(_args("--merge-ratio", "0.9"), None)
+    calls = []
+
+    def fake_timed(images):
+        calls.append(len(calls))
+        return {"call": len(calls) - 1}, 10.0 * len(calls), 100.0 * len(calls)
+
+    monkeypatch.setattr(track, "_timed_forward", fake_timed)
+    out, agg_s, total_s, _ = track._measured_forward(None)
+    assert calls == [0, 1] and out == {"call": 0}
+    assert (agg_s, total_s) == (20.0, 200.0)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ResultsStore", "row_key", "read_rows"]
+__all__ = ["ResultsStore", "row_key", "read_rows", "read_done"]
 
 
 def row_key(row: dict) -> tuple[str, str, str]:
@@ -55,6 +55,11 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+def read_done(path: Path) -> set[tuple[str, str, str]]:
+    """Keys of the ``ok`` rows of a JSONL file (failed rows are retried on rerun)."""
+    return {row_key(r) for r in read_rows(path) if r.get("status", "ok") == "ok"}
+
+
 class ResultsStore:
     """One JSONL file of rows (``rows.jsonl``, or ``rows.rank{r}.jsonl`` per shard)."""
 
@@ -69,7 +74,7 @@ class ResultsStore:
 
     def done(self) -> set[tuple[str, str, str]]:
         """Keys of rows already finished (failed rows are retried on rerun)."""
-        return {row_key(r) for r in self.rows() if r.get("status", "ok") == "ok"}
+        return read_done(self.path)
 
     def append(self, row: dict) -> None:
         line = json.dumps(_jsonable(row), sort_keys=True)
@@ -84,13 +89,15 @@ class ResultsStore:
 
     @staticmethod
     def merge(out_dir: Path, parts: Iterable[Path]) -> Path:
-        """Merge shard files into ``rows.jsonl`` (last row of a key wins)."""
+        """Merge shard files into ``rows.jsonl`` (last row of a key wins, but a
+        failed row never replaces an ``ok`` one)."""
         out_dir = Path(out_dir)
         merged: dict[tuple[str, str, str], dict] = {}
         for p in [out_dir / "rows.jsonl", *parts]:
             for r in read_rows(p):
                 key = row_key(r)
-                if r.get("status", "ok") == "ok" or key not in merged:
+                prev = merged.get(key)
+                if r.get("status", "ok") == "ok" or prev is None or prev.get("status") != "ok":
                     merged[key] = r
         target = out_dir / "rows.jsonl"
         tmp = target.with_suffix(".jsonl.tmp")

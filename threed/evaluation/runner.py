@@ -17,8 +17,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .results import ResultsStore, row_key
-from .summary import markdown_table, summarize_rows, write_plots
+from .results import ResultsStore, read_done, row_key
+from .summary import markdown_table, summarize_rows, unresolved_failures, write_plots
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +98,29 @@ def _dist_info() -> tuple[int, int, int]:
 
 
 def _barrier(world: int) -> None:
+    """Wait for every rank (a no-op for one process).
+
+    Ranks finish their shards at different times; with the default 30-minute
+    process-group timeout a rank that waits longer than that for a slow rank
+    would fail and the merge would never happen, so the group is created with
+    a long timeout (torchrun still stops all ranks when one of them dies).
+    """
     if world <= 1:
         return
+    from datetime import timedelta
+
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", timeout=timedelta(days=7))
     dist.barrier()
+    if created:
+        dist.destroy_process_group()
+
+
+def _shard_files(out: Path) -> list[Path]:
+    return sorted(out.glob("rows.rank*.jsonl"))
 
 
 def run_eval(args: argparse.Namespace, data: DataPaths, config: EvalConfig) -> list[dict] | None:
@@ -119,7 +135,12 @@ def run_eval(args: argparse.Namespace, data: DataPaths, config: EvalConfig) -> l
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     store = ResultsStore(out, rank=rank if world > 1 else None)
-    done = store.done() | ResultsStore(out).done()
+    # rows finished by any earlier run: merged rows and every shard file (a run
+    # with another number of ranks, or one that died before rank 0 merged)
+    done = set().union(
+        ResultsStore(out).done(), *(read_done(p) for p in _shard_files(out) if p != store.path)
+    )
+    done |= store.done()
 
     classes = available_tracks()
     missing = [t for t in config.tracks if t not in classes]
@@ -135,27 +156,41 @@ def run_eval(args: argparse.Namespace, data: DataPaths, config: EvalConfig) -> l
     bar = tqdm(total=len(mine) * len(tracks), desc=f"eval[{rank}]", disable=rank != 0)
     visualized: set[str] = set()
     for scene_id in mine:
+        todos = {
+            track.name: [s for s in track.settings() if (scene_id, track.name, s) not in done]
+            for track in tracks
+        }
+        wants_visual = config.visualize and any(
+            t.name not in visualized and hasattr(t, "visualize") for t in tracks
+        )
+        if not any(todos.values()) and not wants_visual:
+            bar.update(len(tracks))  # every row done: no need to load the scene
+            continue
         try:
             scene = load_scene(scene_id, data.scannet_root, data.posed_images_root)
         except Exception as e:  # one bad scene is recorded and the run goes on
             log.error("scene %s failed to load: %s", scene_id, e)
             for track in tracks:
-                store.append(_failed_row(scene_id, track.name, e))
+                if todos[track.name]:
+                    store.append(_failed_row(scene_id, track.name, e, todos[track.name]))
             bar.update(len(tracks))
             continue
         for track in tracks:
-            todo = [s for s in track.settings() if (scene_id, track.name, s) not in done]
+            todo = todos[track.name]
             if todo:
+                finished: set[str] = set()
                 try:
                     for row in track.run_scene(scene, todo):
                         row = {**row, "scene_id": scene_id, "track": track.name, "status": "ok"}
                         store.append(row)
                         done.add(row_key(row))
+                        finished.add(str(row["setting"]))
                 except Exception as e:
                     log.error(
                         "track %s failed on %s:\n%s", track.name, scene_id, traceback.format_exc()
                     )
-                    store.append(_failed_row(scene_id, track.name, e))
+                    left = [s for s in todo if s not in finished]
+                    store.append(_failed_row(scene_id, track.name, e, left))
             if config.visualize and track.name not in visualized and hasattr(track, "visualize"):
                 try:
                     track.visualize(scene, out / "visuals")
@@ -168,17 +203,20 @@ def run_eval(args: argparse.Namespace, data: DataPaths, config: EvalConfig) -> l
     _barrier(world)
     if rank != 0:
         return None
-    if world > 1:
-        ResultsStore.merge(out, sorted(out.glob("rows.rank*.jsonl")))
+    shards = _shard_files(out)
+    if shards:  # this run's shards, or those of an earlier run that never merged
+        ResultsStore.merge(out, shards)
     columns = {t.name: t.table_columns for t in tracks if getattr(t, "table_columns", None)}
     return write_summary(out, columns=columns)
 
 
-def _failed_row(scene_id: str, track: str, error: Exception) -> dict:
+def _failed_row(scene_id: str, track: str, error: Exception, settings: list[str]) -> dict:
+    """A failure of ``track`` on a scene; ``settings``: those left without a row."""
     return {
         "scene_id": scene_id,
         "track": track,
         "setting": "*",
+        "settings": list(settings),
         "status": "failed",
         "error": f"{type(error).__name__}: {error}",
         "time": time.time(),
@@ -192,11 +230,8 @@ def write_summary(out: Path, columns: dict[str, list[str]] | None = None) -> lis
     """
     rows = ResultsStore(out).rows()
     summary = summarize_rows(rows)
-    ok_pairs = {(r["scene_id"], r["track"]) for r in rows if r.get("status", "ok") == "ok"}
-    failed = sorted(
-        {r["scene_id"] for r in rows if r.get("status") == "failed"}
-        - {scene for scene, _ in ok_pairs}
-    )
+    # per (scene, track): a scene that failed in one track and succeeded in another is failed
+    failed = sorted(set().union(*unresolved_failures(rows).values()))
     (out / "summary.json").write_text(
         json.dumps({"groups": summary, "failed_scenes": failed}, indent=2, sort_keys=True)
     )

@@ -6,7 +6,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["summarize_rows", "markdown_table", "write_plots"]
+__all__ = ["summarize_rows", "markdown_table", "write_plots", "unresolved_failures"]
 
 # Row fields that identify a row rather than measure something.
 _ID_FIELDS = {"scene_id", "track", "setting", "method", "status", "error", "accuracy_valid"}
@@ -14,6 +14,33 @@ _ID_FIELDS = {"scene_id", "track", "setting", "method", "status", "error", "accu
 
 def _numeric(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def unresolved_failures(rows: list[dict]) -> dict[str, set[str]]:
+    """Track -> scene ids with a failure that no ``ok`` row has made up for.
+
+    A failed row lists the ``settings`` it left without a result; it is
+    resolved once each of them has an ``ok`` row for its (scene, track) (a
+    partly failed scene stays failed). A failed row without ``settings``
+    (older files) is resolved by any ``ok`` row of its (scene, track).
+    """
+    ok: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for r in rows:
+        if r.get("status", "ok") == "ok":
+            ok[(str(r["scene_id"]), str(r["track"]))].add(str(r["setting"]))
+    failed: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        if r.get("status", "ok") == "ok":
+            continue
+        pair = (str(r["scene_id"]), str(r["track"]))
+        settings = r.get("settings")
+        if settings is None:
+            missing = not ok.get(pair)
+        else:
+            missing = any(str(s) not in ok.get(pair, ()) for s in settings)
+        if missing:
+            failed[pair[1]].add(pair[0])
+    return dict(failed)
 
 
 def summarize_rows(rows: list[dict]) -> list[dict]:
@@ -24,13 +51,10 @@ def summarize_rows(rows: list[dict]) -> list[dict]:
     (true only if every contributing row had real-weight accuracy).
     """
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    ok_pairs = {(r["scene_id"], r["track"]) for r in rows if r.get("status", "ok") == "ok"}
-    failed: dict[str, set[str]] = defaultdict(set)
     for r in rows:
         if r.get("status", "ok") == "ok":
             groups[(str(r["track"]), str(r["setting"]))].append(r)
-        elif (r["scene_id"], r["track"]) not in ok_pairs:  # a later rerun may have succeeded
-            failed[str(r["track"])].add(str(r["scene_id"]))
+    failed = unresolved_failures(rows)  # a later rerun may have made up for a failure
     out = []
     for (track, setting), members in groups.items():
         sums: dict[str, list[float]] = defaultdict(list)

@@ -242,11 +242,13 @@ class DinoViT(nn.Module):
         b, _, h, w = images.shape
         gh, gw = h // self.patch_size, w // self.patch_size
         x = self.patch_embed(images)
-        x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
-        x = x + self._pos_embed(gh, gw, x.dtype)
-        x = torch.cat(
-            [x[:, :1], self.register_tokens.expand(b, -1, -1).to(x.dtype), x[:, 1:]], dim=1
-        )
+        # Like DINOv2, concatenating the (float32) class token promotes half patch
+        # embeddings (bf16 autocast) to float32, so the class / register tokens and
+        # the position embedding are added in float32, not rounded to bf16.
+        dtype = torch.promote_types(x.dtype, self.cls_token.dtype)
+        x = torch.cat([self.cls_token.expand(b, -1, -1).to(dtype), x.to(dtype)], dim=1)
+        x = x + self._pos_embed(gh, gw, dtype)
+        x = torch.cat([x[:, :1], self.register_tokens.expand(b, -1, -1).to(dtype), x[:, 1:]], dim=1)
         for blk in self.blocks:
             x = blk(x)
         x = self.norm(x)

@@ -14,6 +14,9 @@
   ``ape``/``rpe`` with ``align=True, correct_scale=True``. The official
   script passes world-to-camera matrices (so "positions" are w2c
   translations); pass whichever convention you mean, both the same.
+  Official quirk: it also passes ``align_origin=True``, so after the Sim(3)
+  fit the estimate is moved rigidly onto the first GT pose (this changes
+  ATE and ARE, not RPE); ``align_origin=False`` gives the pure Sim(3) figures.
 - :func:`pose_auc`: VGGT's AUC@30: over all frame pairs, relative poses
   ``E_i @ inv(E_j)`` (w2c), error = max(rotation angle, translation
   direction angle (sign-agnostic)), histogram with 1-degree bins to 30,
@@ -166,8 +169,15 @@ def _as44(poses: np.ndarray) -> np.ndarray:
     return out
 
 
-def trajectory_metrics(pred: np.ndarray, gt: np.ndarray, align: bool = True) -> dict[str, float]:
-    """ATE / ARE / RPE of ``[S, 3|4, 4]`` poses (same convention) after Sim(3) alignment."""
+def trajectory_metrics(
+    pred: np.ndarray, gt: np.ndarray, align: bool = True, align_origin: bool = True
+) -> dict[str, float]:
+    """ATE / ARE / RPE of ``[S, 3|4, 4]`` poses (same convention) after Sim(3) alignment.
+
+    ``align_origin`` (official default, evo's ``align_origin=True``): after the
+    Sim(3) fit, left-multiply the estimate by ``gt[0] @ inv(est[0])`` so its
+    first pose equals the first GT pose. ``False``: the Sim(3) fit alone.
+    """
     p, g = _as44(pred), _as44(gt)
     if p.shape != g.shape:
         raise ValueError(f"pred and gt must have the same shape, got {p.shape} and {g.shape}")
@@ -178,6 +188,8 @@ def trajectory_metrics(pred: np.ndarray, gt: np.ndarray, align: bool = True) -> 
     a = p.copy()
     a[:, :3, :3] = rot @ p[:, :3, :3]
     a[:, :3, 3] = s * p[:, :3, 3] @ rot.T + t
+    if align_origin and len(a):
+        a = (g[0] @ np.linalg.inv(a[0])) @ a
     ate = float(np.sqrt(np.mean(np.sum((a[:, :3, 3] - g[:, :3, 3]) ** 2, axis=1))))
     are = float(np.sqrt(np.mean(rotation_angle_deg(g[:, :3, :3], a[:, :3, :3]) ** 2)))
     if len(p) >= 2:

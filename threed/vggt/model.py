@@ -260,7 +260,8 @@ class VGGT(nn.Module):
     ``pose_enc [B,S,9]``, ``pose_enc_list``, ``depth [B,S,H,W,1]``,
     ``depth_conf [B,S,H,W]``, ``world_points [B,S,H,W,3]``,
     ``world_points_conf [B,S,H,W]`` (for enabled heads). On CUDA the aggregator
-    runs under bf16 autocast and the heads in float32; on CPU all is float32.
+    runs under bf16 autocast (fp16 on GPUs before compute capability 8, as the
+    official demo picks) and the heads in float32; on CPU all is float32.
     """
 
     def __init__(self, cfg: VGGTConfig | None = None, **overrides):
@@ -294,7 +295,11 @@ class VGGT(nn.Module):
         if images.ndim != 5:
             raise ValueError(f"images must be [S,3,H,W] or [B,S,3,H,W], got {tuple(images.shape)}")
         on_cuda = images.device.type == "cuda"
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
+        if on_cuda:
+            major = torch.cuda.get_device_capability(images.device)[0]
+            amp = torch.autocast("cuda", dtype=torch.bfloat16 if major >= 8 else torch.float16)
+        else:
+            amp = nullcontext()
         with amp:
             layers, psi = self.aggregator(images, keep_layers=self.kept_layers)
         layers = {k: v.float() for k, v in layers.items()}
