@@ -14,13 +14,13 @@ plots to OUT/plots/, pictures of what was kept to OUT/visuals/.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 import torch
 
 from threed.evaluation import EvalConfig, available_tracks, run_eval
+from threed.evaluation.cli import setup_logging
 from threed.evaluation.runner import DataPaths, resolve_scenes
 
 
@@ -80,10 +80,7 @@ def build_parser(tracks: dict) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     tracks = available_tracks()
     args = build_parser(tracks).parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose)
     torch.manual_seed(args.seed)
 
     if args.scannet_root is None:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 import torch
 
+from threed.evaluation.cli import setup_logging
 from threed.tsp3d import TextEncoder, TSP3DConfig, TSP3DGrounder
 from threed.tsp3d.train import TrainConfig, load_grounder, samples_from_scanrefer, train
 
@@ -63,10 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose)
     torch.manual_seed(args.seed)
     if args.scannet_root is None:
         from threed.scannet import ensure_synthetic
