@@ -12,6 +12,9 @@ import math
 import torch
 
 __all__ = [
+    "accumulation_dtype",
+    "check_compute_dtype",
+    "make_generator",
     "check_tensor",
     "check_finite",
     "check_ratio",
@@ -107,3 +110,30 @@ def budget(n: int, keep: float | int, *, name: str = "keep", rounding: str = "ro
     else:
         raise ValueError(f"rounding must be 'round', 'ceil' or 'floor', got {rounding!r}")
     return min(n, max(k, 1 if n > 0 else 0))
+
+
+def check_compute_dtype(compute_dtype: object, name: str = "compute_dtype") -> None:
+    """``None`` or a floating ``torch.dtype``."""
+    if compute_dtype is not None and not (
+        isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point
+    ):
+        raise TypeError(f"{name} must be a floating torch.dtype, got {compute_dtype!r}")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision inputs (sums and norms), else the dtype itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def make_generator(
+    generator: torch.Generator | int | None, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """A ``torch.Generator`` as given, or a new one on ``device`` seeded with the int
+    (``None`` = seed 0), so every random choice comes from an explicit seed."""
+    if isinstance(generator, torch.Generator):
+        return generator
+    if generator is None or (isinstance(generator, int) and not isinstance(generator, bool)):
+        g = torch.Generator(device=device)
+        g.manual_seed(0 if generator is None else generator)
+        return g
+    raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {generator!r}")

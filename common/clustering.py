@@ -23,20 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from common.checks import check_count, check_finite, check_range, check_tensor
+from common.checks import check_count, check_finite, check_range, check_tensor, make_generator
 from common.merging import centre_weighted_merge
 
 __all__ = ["dpc_knn", "assign_to_centres", "dpc_knn_merge"]
-
-
-def _generator(generator: torch.Generator | int | None, device: torch.device) -> torch.Generator:
-    if isinstance(generator, torch.Generator):
-        return generator
-    if generator is None or (isinstance(generator, int) and not isinstance(generator, bool)):
-        g = torch.Generator(device=device)
-        g.manual_seed(0 if generator is None else generator)
-        return g
-    raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {generator!r}")
 
 
 def dpc_knn(
@@ -70,7 +60,7 @@ def dpc_knn(
     check_count("k", k, low=1)
     check_range("noise", noise, 0.0, 1.0)
     k = min(k, n)
-    gen = _generator(generator, xb.device)
+    gen = make_generator(generator, xb.device)
     with torch.no_grad():
         xf = xb.float()
         # one cdist per batch row: bit-identical to the official call (batch 1)

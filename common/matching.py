@@ -23,7 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
-from common.checks import check_count, check_finite, check_tensor
+from common.checks import (
+    check_compute_dtype,
+    check_count,
+    check_finite,
+    check_tensor,
+    make_generator,
+)
 from common.merging import (
     MERGE_MODES,
     check_assignment,
@@ -284,19 +290,9 @@ def grid_random_partition(
             f"tokens_per_frame must equal num_special + h * w = {num_special} + {h}*{w}, "
             f"got {tokens_per_frame}"
         )
-    if isinstance(generator, torch.Generator):
-        gen = generator
-        if device is None:
-            device = gen.device
-    elif generator is None or (isinstance(generator, int) and not isinstance(generator, bool)):
-        if device is None:
-            device = "cpu"
-        gen = torch.Generator(device=device)
-        gen.manual_seed(0 if generator is None else generator)
-    else:
-        raise TypeError(
-            f"generator must be a torch.Generator, an int seed or None, got {generator!r}"
-        )
+    if device is None:
+        device = generator.device if isinstance(generator, torch.Generator) else "cpu"
+    gen = make_generator(generator, device)
     device = torch.device(device)
     f, p = num_frames, tokens_per_frame
     n = f * p
@@ -383,10 +379,7 @@ def match_src_to_dst(
         raise ValueError("dst_idx must not be empty when src_idx is not")
     if chunk_size is not None:
         check_count("chunk_size", chunk_size, low=1)
-    if compute_dtype is not None and not (
-        isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point
-    ):
-        raise TypeError(f"compute_dtype must be a floating torch.dtype, got {compute_dtype!r}")
+    check_compute_dtype(compute_dtype)
     device = metric.device
     use = torch.zeros(b, n, dtype=torch.int32, device=device)
     use.scatter_add_(1, dst_idx, torch.ones_like(dst_idx, dtype=torch.int32))

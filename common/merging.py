@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from common.checks import check_count, check_range, check_tensor
+from common.checks import accumulation_dtype, check_count, check_range, check_tensor
 
 __all__ = [
     "MERGE_MODES",
@@ -53,10 +53,6 @@ def _check_rides(name: str, x: object, dst_of: torch.Tensor) -> torch.Tensor:
     if x.device != dst_of.device:
         raise ValueError(f"{name} is on {x.device} but the assignment is on {dst_of.device}")
     return x
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _scatter_sum(x3: torch.Tensor, dst_of: torch.Tensor, num_kept: int) -> torch.Tensor:
@@ -109,7 +105,7 @@ def scatter_merge(
         return out.to(x.dtype).reshape(b, num_kept, *trailing)
     if not x.is_floating_point() and mode == "mean":
         raise TypeError(f"x must be floating point for mode='mean', got {x.dtype}")
-    acc = _acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     out = _scatter_sum(x3.to(acc), dst_of, num_kept)
     if mode == "mean":
         out = out / _counts(dst_of, num_kept, acc).clamp_min(1)[..., None]
@@ -160,7 +156,7 @@ def weighted_average_merge(
             size = size.to(torch.float32)
         if bool((size < 0).any()):
             raise ValueError("size must be non-negative")
-    acc = _acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     sacc = size.to(acc)
     x3 = x.reshape(b, n, -1).to(acc)
     total = _scatter_sum(x3 * sacc[..., None], dst_of, num_kept)
@@ -205,7 +201,7 @@ def centre_weighted_merge(
     own = assign.gather(1, centre_idx)
     if not bool((own == torch.arange(k, device=x.device)).all()):
         raise ValueError("assign must map each centre (centre_idx[:, k]) to its own cluster k")
-    acc = _acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     xa = x.to(acc)
     # centres go to a spare slot k (dropped), so only members are summed, without
     # a masked copy of x

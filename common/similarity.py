@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from common.checks import check_count, check_tensor
+from common.checks import accumulation_dtype, check_compute_dtype, check_count, check_tensor
 
 __all__ = [
     "normalize",
@@ -19,23 +19,12 @@ __all__ = [
 ]
 
 
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _check_compute_dtype(compute_dtype: object) -> None:
-    if compute_dtype is not None and not (
-        isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point
-    ):
-        raise TypeError(f"compute_dtype must be a floating torch.dtype, got {compute_dtype!r}")
-
-
 def normalize(x: torch.Tensor, dtype: torch.dtype | None = None, eps: float = 1e-12):
     """L2-normalise the last dim (in float32 for half inputs), then cast to ``dtype``.
 
     ``x [..., D] -> [..., D]``; a zero vector stays zero.
     """
-    xf = x.to(_out_dtype(x.dtype))
+    xf = x.to(accumulation_dtype(x.dtype))
     xf = xf / xf.norm(dim=-1, keepdim=True).clamp_min(eps)
     return xf if dtype is None else xf.to(dtype)
 
@@ -65,11 +54,11 @@ def cosine_similarity_matrix(
         raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must agree in B and D")
     if chunk_size is not None:
         check_count("chunk_size", chunk_size, low=1)
-    _check_compute_dtype(compute_dtype)
+    check_compute_dtype(compute_dtype)
     squeeze = a.ndim == 2
     if squeeze:
         a, b = a[None], b[None]
-    out_dtype = _out_dtype(a.dtype)
+    out_dtype = accumulation_dtype(a.dtype)
     cd = compute_dtype or out_dtype
     an = normalize(a, cd)
     bt = (an if b is a else normalize(b, cd)).transpose(1, 2)
@@ -111,13 +100,13 @@ def best_match(
         raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must agree in B and D")
     if chunk_size is not None:
         check_count("chunk_size", chunk_size, low=1)
-    _check_compute_dtype(compute_dtype)
+    check_compute_dtype(compute_dtype)
     if exclude_self and a.shape[1] != b.shape[1]:
         raise ValueError("exclude_self needs a and b of the same length")
     if exclude_self and b.shape[1] < 2:
         raise ValueError("exclude_self needs at least 2 tokens in b (else no match exists)")
     bsz, n, _ = a.shape
-    out_dtype = _out_dtype(a.dtype)
+    out_dtype = accumulation_dtype(a.dtype)
     cd = compute_dtype or out_dtype
     an = normalize(a, cd)
     bt = normalize(b, cd).transpose(1, 2)
@@ -144,7 +133,7 @@ def adjacent_frame_similarity(x: torch.Tensor) -> torch.Tensor:
     x = check_tensor("x", x, (3, 4), floating=True)
     if x.shape[-3] < 2:
         raise ValueError(f"x must have at least 2 frames, got shape {tuple(x.shape)}")
-    xf = x.to(_out_dtype(x.dtype))
+    xf = x.to(accumulation_dtype(x.dtype))
     dot = torch.linalg.vecdot(xf[..., :-1, :, :], xf[..., 1:, :, :])
     norm = torch.linalg.vector_norm(xf, dim=-1).clamp_min(1e-12)
     return dot / (norm[..., :-1, :] * norm[..., 1:, :])
