@@ -17,7 +17,12 @@ against the >= 2x goal.  "Unpruned" is measured both ways the network can run wi
 pruning: ``scene`` (decoder on the scene's own voxels) and ``generative`` (every
 generated child, the tensor TGP prunes).  FLOPs: ``torch.utils.flop_counter`` (it sees
 spconv's Native CPU convolutions, which are ``torch.mm`` calls) for the whole forward and
-the decoder share, next to the analytic sparse-conv count of the decoder.
+the decoder share, next to the analytic sparse-conv count of the decoder.  Per-stage
+decoder times (``stage_ms_*``: BiEncoders, keep heads, lateral / out blocks, upsampling,
+CBA and its BiEncoder, the rest) come from a separate pass with forward hooks.  Timings
+are interleaved over the settings after one warm-up call each; set
+``OMP_NUM_THREADS`` / ``torch.set_num_threads`` before comparing machines
+(``torch_threads`` is recorded).
 """
 
 from __future__ import annotations
@@ -166,13 +171,73 @@ def _median_times(fns: dict, repeats: int) -> dict:
     return {k: (statistics.median(totals[k]), statistics.median(decs[k]), outs[k]) for k in fns}
 
 
+def _stages(model) -> dict:
+    """Decoder stages timed by :func:`stage_times` (module forward, hooks)."""
+    return {
+        "bienc_64": model.tgp_scene.encoder,
+        "keep_head_64": model.tgp_scene.keep_head,
+        "lateral_64": model.lateral[2],
+        "upsample_64_32": model.up_64_32,
+        "bienc_32": model.tgp_target.encoder,
+        "keep_head_32": model.tgp_target.keep_head,
+        "lateral_32": model.lateral[1],
+        "upsample_32_16": model.up_32_16,
+        "cba": model.cba,
+        "cba_bienc": model.cba.encoder,
+        "lateral_16": model.lateral[0],
+        "out_block_16": model.out_block,
+        "fuse": model.fuse,
+    }
+
+
+def stage_times(model, fns: dict, repeats: int) -> dict:
+    """Per-stage decoder wall time (median ms over ``repeats`` interleaved calls), in a
+    separate pass with forward hooks so the headline timings carry no hook overhead.
+
+    ``other_ms`` = decoder time minus the top-level stages (``cba_bienc`` is inside
+    ``cba``): pruning / select, ``features_at`` joins, position embeddings of the TGP
+    levels, the oracle fields, the top-1 selection.
+    """
+    stages = _stages(model)
+    acc, start = {}, {}
+    hooks = []
+    for name, mod in stages.items():
+
+        def pre(m, a, name=name):
+            start[name] = time.perf_counter()
+
+        def post(m, a, o, name=name):
+            acc[name] = acc.get(name, 0.0) + time.perf_counter() - start[name]
+
+        hooks += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    runs = {k: [] for k in fns}
+    try:
+        with torch.inference_mode():
+            for _ in range(repeats):
+                for k, f in fns.items():
+                    acc.clear()
+                    out = f()
+                    rec = {s: acc.get(s, 0.0) for s in stages}
+                    top = sum(v for s, v in rec.items() if s != "cba_bienc")
+                    rec["other"] = out.timings["decoder"] - top
+                    rec["decoder"] = out.timings["decoder"]
+                    runs[k].append(rec)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {
+        k: {f"{s}_ms": 1000 * statistics.median(r[s] for r in v) for s in v[0]}
+        for k, v in runs.items()
+    }
+
+
 def run(quick: bool = False) -> list[dict]:
     """Rows: one per score kind, plus a summary of the goals."""
     from threed.tsp3d import TextEncoder, TSP3DConfig, TSP3DGrounder
     from threed.tsp3d.oracle import oracle_scores
 
     torch.manual_seed(0)
-    n_pts, vsize, repeats = (15_000, 0.02, 3) if quick else (50_000, 0.01, 5)
+    n_pts, vsize, repeats = (15_000, 0.02, 5) if quick else (50_000, 0.01, 9)
     pts, cols, boxes = make_room(n_pts)
     model = TSP3DGrounder(TSP3DConfig(voxel_size=vsize), TextEncoder(seed=0)).eval()
     batch = model.scene_batch(pts, cols)
@@ -196,6 +261,7 @@ def run(quick: bool = False) -> list[dict]:
                 "tsp3d_nocba": call(prune=True, cba=False),
             }
             res = _median_times(fns, repeats)
+            stages = stage_times(model, fns, max(3, repeats // 2))
             model.config.unpruned_upsample = "generative"
             res.update(_median_times({"full_generative": call(prune=False)}, max(1, repeats // 2)))
             model.config.unpruned_upsample = "scene"
@@ -210,6 +276,8 @@ def run(quick: bool = False) -> list[dict]:
             "num_points": int(pts.shape[0]),
             "voxel_size_m": vsize,
             "level_cm": [model.config.level_cm(s) for s in (16, 32, 64)],
+            "torch_threads": torch.get_num_threads(),
+            "repeats": repeats,
             "time_full_scene_s": res["full_scene"][0],
             "time_full_generative_s": res["full_generative"][0],
             "time_tsp3d_s": res["tsp3d"][0],
@@ -241,6 +309,9 @@ def run(quick: bool = False) -> list[dict]:
             "decoder_flops_ratio_nocba": flops["tsp3d_nocba"]["decoder_flops"]
             / max(flops["full_scene"]["decoder_flops"], 1),
             "speedup_decoder_nocba_vs_scene": res["full_scene"][1] / res["tsp3d_nocba"][1],
+            "stage_ms_full_scene": stages["full_scene"],
+            "stage_ms_tsp3d": stages["tsp3d"],
+            "stage_ms_tsp3d_nocba": stages["tsp3d_nocba"],
         }
         row["goal_keep_le_10pct_vs_scene"] = row["decoder16_kept_frac_vs_scene"] <= 0.10
         row["goal_decoder_speedup_ge_2x_vs_scene"] = row["speedup_decoder_vs_scene"] >= 2.0

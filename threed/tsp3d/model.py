@@ -428,7 +428,10 @@ class TSP3DGrounder(nn.Module):
         scene_mode = not prune and cfg.unpruned_upsample == "scene"
         x = self.up_64_32(x, x32.indices if scene_mode else None)
         counts["generated_32"] = x.features.shape[0]
-        x = x.replace_feature(x.features + features_at(x32, x.indices))
+        # scene mode computed the children exactly at x32's rows: the join is the identity
+        x = x.replace_feature(
+            x.features + (x32.features if scene_mode else features_at(x32, x.indices))
+        )
         if prune and training:
             x, _ = self.tgp_scene.prune_children(
                 x, coarse, logit64, self.tgp_scene.draw_topk(generator)
@@ -456,16 +459,19 @@ class TSP3DGrounder(nn.Module):
             x, _ = self.tgp_target.prune_children(
                 x, coarse, logit32, self.tgp_target.draw_topk(generator)
             )
-        x = x.replace_feature(x.features + features_at(x16, x.indices))
+        x = x.replace_feature(
+            x.features + (x16.features if scene_mode else features_at(x16, x.indices))
+        )
         counts["pruned_16"] = x.features.shape[0]
 
         cba_info = None
         if use_cba:
-            x, info, txt = self.cba(x, x16, self._pos(x16, 16, org), txt, txt_pad, generator)
+            pos16 = self._pos(x16, 16, org)
+            x, info, txt = self.cba(x, x16, pos16, txt, txt_pad, generator)
             rows = info["sampled"]
             cba_info = {
                 "logits": info["logits"],
-                "positions": self._pos(x16, 16, org)[rows],
+                "positions": pos16[rows],
                 "batch_idx": x16.indices[rows, 0].long(),
                 "added": info["added"],
             }

@@ -140,9 +140,17 @@ class BiEncoder(nn.Module):
         self.layers = nn.ModuleList([deepcopy(layer) for _ in range(num_layers)])
 
     def forward(self, vis, pos, vis_pad, txt, txt_pad):
+        # an all-False voxel mask is the same attention as no mask (bit for bit on CPU) but
+        # costs a masked kernel over N keys in every call; the text mask is kept (L keys,
+        # negligible, and dropping it switches to a kernel that rounds differently)
+        vis_pad = _mask_or_none(vis_pad)
         for layer in self.layers:
             vis, txt = layer(vis, pos, vis_pad, txt, txt_pad)
         return vis, txt
+
+
+def _mask_or_none(mask: Tensor | None) -> Tensor | None:
+    return mask if mask is not None and bool(mask.any()) else None
 
 
 def to_padded(values: Tensor, batch_idx: Tensor, batch_size: int):
@@ -352,6 +360,9 @@ def encode_voxels(
 ):
     """Run a BiEncoder on flat voxel rows grouped per batch item; returns flat rows."""
     pos = pos_embed(positions)
+    if batch_size == 1 and features.shape[0]:  # one sequence in row order: no padding
+        vis, txt = encoder(features[None], pos[None], None, text_feats, text_pad)
+        return vis[0], txt
     vis_p, pad, slot = to_padded(features, batch_idx, batch_size)
     pos_p, _, _ = to_padded(pos, batch_idx, batch_size)
     vis_p, txt = encoder(vis_p, pos_p, pad, text_feats, text_pad)

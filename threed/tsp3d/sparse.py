@@ -30,6 +30,7 @@ __all__ = [
     "select",
     "coord_keys",
     "lookup",
+    "lookup_table",
     "features_at",
     "interpolate_coarse",
     "generative_upsample",
@@ -91,18 +92,29 @@ def lookup(src_indices: Tensor, query_indices: Tensor, spatial_shape) -> Tensor:
     Sorted-key search: ``O((N + M) log N)``; ``src_indices`` must be unique.
     Returns ``[M]`` long.
     """
-    if query_indices.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long, device=src_indices.device)
-    if src_indices.shape[0] == 0:
-        return torch.full(
-            (query_indices.shape[0],), -1, dtype=torch.long, device=query_indices.device
-        )
-    src = coord_keys(src_indices, spatial_shape)
-    qry = coord_keys(query_indices, spatial_shape)
-    skeys, order = torch.sort(src)
-    pos = torch.searchsorted(skeys, qry).clamp_(max=skeys.numel() - 1)
-    found = skeys[pos] == qry
-    return torch.where(found, order[pos], torch.full_like(pos, -1))
+    return lookup_table(src_indices, spatial_shape)(query_indices)
+
+
+def lookup_table(src_indices: Tensor, spatial_shape):
+    """:func:`lookup` with the source keys sorted once: returns ``query_indices -> rows``
+    (``[M]`` long, ``-1`` where absent) for many queries against the same source."""
+    n = src_indices.shape[0]
+    if n:
+        skeys, order = torch.sort(coord_keys(src_indices, spatial_shape))
+
+    def find(query_indices: Tensor) -> Tensor:
+        if query_indices.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.long, device=src_indices.device)
+        if n == 0:
+            return torch.full(
+                (query_indices.shape[0],), -1, dtype=torch.long, device=query_indices.device
+            )
+        qry = coord_keys(query_indices, spatial_shape)
+        pos = torch.searchsorted(skeys, qry).clamp_(max=n - 1)
+        found = skeys[pos] == qry
+        return torch.where(found, order[pos], torch.full_like(pos, -1))
+
+    return find
 
 
 def features_at(x, query_indices: Tensor) -> Tensor:
@@ -130,6 +142,7 @@ def interpolate_coarse(
     lo = torch.div(fine[:, 1:], 2, rounding_mode="floor")
     odd = (fine[:, 1:] - 2 * lo).bool()
     out = coarse_features.new_zeros(fine.shape[0], coarse_features.shape[1])
+    find = lookup_table(coarse_indices, coarse_shape)
     for corner in range(8):
         bits = torch.tensor([(corner >> a) & 1 for a in range(3)], device=fine.device)
         if bits.any():
@@ -138,7 +151,7 @@ def interpolate_coarse(
             valid = torch.ones(fine.shape[0], dtype=torch.bool, device=fine.device)
         weight = torch.where(odd, 0.5, 1.0).prod(dim=1).to(coarse_features.dtype)
         q = torch.cat([fine[:, :1], lo + bits], dim=1)
-        row = lookup(coarse_indices, q, coarse_shape)
+        row = find(q)
         hit = (row >= 0) & valid
         out[hit] += weight[hit, None] * coarse_features[row[hit]]
     return out
@@ -187,14 +200,23 @@ def transposed_conv_at(x, conv: nn.Module, out_indices: Tensor) -> Tensor:
     w = conv.weight  # [C_out, 3, 3, 3, C_in]
     c = out_indices.long()
     out = x.features.new_zeros(c.shape[0], w.shape[0])
+    find = lookup_table(x.indices, x.spatial_shape)  # one sort for the 27 offsets
+    # offset d reaches child c only when c - d is even on every axis, i.e. the child's
+    # parity is |d|: group the children by parity once (8 classes) instead of testing
+    # every child against every offset
+    par = c[:, 1:] & 1
+    cls = par[:, 0] * 4 + par[:, 1] * 2 + par[:, 2]
+    groups = [torch.nonzero(cls == k).squeeze(1) for k in range(8)]
     for a, b, e in itertools.product(range(3), repeat=3):
-        twice = c[:, 1:] - torch.tensor([a - 1, b - 1, e - 1], device=c.device)
-        ok = (twice % 2 == 0).all(dim=1)
-        q = torch.cat([c[:, :1], torch.div(twice, 2, rounding_mode="floor")], dim=1)
-        row = lookup(x.indices, q, x.spatial_shape)
-        hit = torch.nonzero(ok & (row >= 0)).squeeze(1)
-        if hit.numel():
-            out.index_add_(0, hit, x.features[row[hit]] @ w[:, a, b, e, :].t())
+        rows = groups[4 * (a != 1) + 2 * (b != 1) + (e != 1)]
+        if rows.numel() == 0:
+            continue
+        d = torch.tensor([a - 1, b - 1, e - 1], device=c.device)
+        q = torch.cat([c[rows, :1], torch.div(c[rows, 1:] - d, 2, rounding_mode="floor")], 1)
+        row = find(q)
+        hit = row >= 0
+        if bool(hit.any()):
+            out.index_add_(0, rows[hit], x.features[row[hit]] @ w[:, a, b, e, :].t())
     if getattr(conv, "bias", None) is not None:
         out = out + conv.bias
     return out
