@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from threed.evaluation.cli import setup_logging
+
 AREAS = ["primitives", "engine", "vggt", "tsp3d"]
 
 
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     p.add_argument("--out", type=Path, default=Path("bench/results.json"))
     args = p.parse_args(argv)
+    setup_logging()
     areas = [a.strip() for a in args.only.split(",") if a.strip()] if args.only else AREAS
     unknown = [a for a in areas if a not in AREAS]
     if unknown:
