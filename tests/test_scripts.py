@@ -64,3 +64,33 @@ def test_bench_driver_quick(tmp_path, monkeypatch):
     assert result["machine"]["torch"]
     rows = result["areas"]["primitives"]["rows"]
     assert rows and all("speedup" in r for r in rows if "baseline_median_s" in r)
+
+
+@pytest.mark.slow
+def test_eval_scannet_under_torchrun_shards_and_merges(tmp_path):
+    """Two real processes with a gloo barrier: each runs one scene, rank 0 merges."""
+    import subprocess
+
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(ROOT / "scripts" / "eval_scannet.py"),
+        "--tracks", "vggt", "--ratios", "1.0", "--frames", "2", "--no-visuals",
+        "--synthetic-root", str(tmp_path / "data"), "--num-synthetic-scenes", "2",
+        "--out", str(out),
+    ]  # fmt: skip
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    per_rank = [
+        [json.loads(ln) for ln in p.read_text().splitlines()]
+        for p in sorted(out.glob("rows.rank*.jsonl"))
+    ]
+    assert [sorted({r["scene_id"] for r in rows}) for rows in per_rank] == [
+        ["scene9000_00"],
+        ["scene9001_00"],
+    ]  # one scene per rank
+    shards = per_rank[0] + per_rank[1]
+    merged = [json.loads(ln) for ln in (out / "rows.jsonl").read_text().splitlines()]
+    assert len(merged) == len(shards) == 4  # 2 scenes x (full, fastvggt@0.9)
+    assert json.loads((out / "summary.json").read_text())["failed_scenes"] == []
