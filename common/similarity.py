@@ -73,6 +73,13 @@ def cosine_similarity_matrix(
     return out[0] if squeeze else out
 
 
+# Rows of ``a`` per similarity block on CPU: a cache-sized [rows, M] score buffer, reused
+# by every block, is faster than large fresh blocks (about 10% at M ~ 4600, one thread)
+# with the same values and indices (a row of the product and its max do not depend on
+# the other rows). ``chunk_size`` stays the upper bound; other devices use it as is.
+_CPU_BLOCK = 1024
+
+
 def best_match(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -85,8 +92,8 @@ def best_match(
 
     Args:
         a: ``[B, N, D]``; b: ``[B, M, D]``.
-        chunk_size: rows of ``a`` per block: only ``[B, chunk_size, M]`` scores
-            exist at a time (``None`` = one block).
+        chunk_size: rows of ``a`` per block: only ``[chunk_size, M]`` scores
+            exist at a time (``None`` = one block; at most 1024 rows on CPU).
         compute_dtype: dtype of the matmul (FastVGGT uses bfloat16).
         exclude_self: ignore the diagonal (``a`` and ``b`` the same tokens).
 
@@ -109,19 +116,23 @@ def best_match(
     out_dtype = accumulation_dtype(a.dtype)
     cd = compute_dtype or out_dtype
     an = normalize(a, cd)
-    bt = normalize(b, cd).transpose(1, 2)
+    bt = normalize(b, cd).transpose(1, 2).contiguous()  # [B, D, M]
     step = n if chunk_size is None else chunk_size
-    values = torch.empty(bsz, n, dtype=out_dtype, device=a.device)
+    if a.device.type == "cpu":
+        step = min(step, _CPU_BLOCK)
+    # one score buffer reused by every block, maxima written in place
+    buf = torch.empty(min(step, n), b.shape[1], dtype=cd, device=a.device)
+    values = torch.empty(bsz, n, dtype=cd, device=a.device)
     index = torch.empty(bsz, n, dtype=torch.long, device=a.device)
-    for i in range(0, n, step):
-        s = an[:, i : i + step] @ bt
-        if exclude_self:
-            rows = torch.arange(s.shape[1], device=a.device)
-            s[:, rows, rows + i] = float("-inf")
-        v, j = s.max(dim=-1)
-        values[:, i : i + step] = v.to(out_dtype)
-        index[:, i : i + step] = j
-    return values, index
+    for k in range(bsz):
+        for i in range(0, n, step):
+            rows = min(step, n - i)
+            s = torch.mm(an[k, i : i + rows], bt[k], out=buf[:rows])
+            if exclude_self:
+                r = torch.arange(rows, device=a.device)
+                s[r, r + i] = float("-inf")
+            torch.max(s, dim=-1, out=(values[k, i : i + rows], index[k, i : i + rows]))
+    return values.to(out_dtype), index
 
 
 def adjacent_frame_similarity(x: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from common.checks import check_count, check_range
 from common.matching import Merge, grid_random_partition, merge_from_targets
-from common.similarity import best_match, normalize
+from common.similarity import best_match
 
 log = logging.getLogger(__name__)
 
@@ -249,8 +249,9 @@ def build_plan(
             uniform = b == 1 or bool((valid == valid[:1]).all())
             # match only the rows that can merge when every batch row agrees on them
             rows = valid[0].nonzero()[:, 0] if uniform else None
-            sims, best = _best_match(
-                metric, src_idx if rows is None else src_idx[rows], dst_idx, cfg.chunk, cd
+            src = src_idx if rows is None else src_idx[rows]
+            sims, best = best_match(
+                metric[:, src], metric[:, dst_idx], chunk_size=cfg.chunk, compute_dtype=cd
             )
             if uniform and r == rows.numel():  # every unprotected src merges: no top-r
                 chosen = rows.expand(b, -1)
@@ -268,44 +269,6 @@ def build_plan(
                 chosen_best = full_best.gather(1, chosen)
             target.scatter_(1, src_idx[chosen], dst_idx[chosen_best])
         return MergePlan(merge_from_targets(target), extra_idx, r)
-
-
-# Rows of src per similarity block on CPU: one [rows, Nd] score buffer, reused by every
-# block (about 10% faster than fresh 5000-row blocks at Nd ~ 4600 with one thread, the
-# same values and indices: a row of the product and its max do not depend on the other
-# rows). ``TokenMerging.chunk`` stays the upper bound (official 5000, used as is on GPU).
-_CPU_BLOCK = 1024
-
-
-def _best_match(
-    metric: Tensor, src_idx: Tensor, dst_idx: Tensor, chunk: int, cd: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """``common.similarity.best_match(metric[:, src_idx], metric[:, dst_idx], ...)``.
-
-    Same values and indices (ties to the lowest dst); on CPU it normalises the
-    metric once, reuses one score buffer and writes the row maxima in place.
-    Returns ``(sims [B, Ns] float32 for half metrics, best [B, Ns] long)``.
-    """
-    if metric.device.type != "cpu":
-        return best_match(
-            metric[:, src_idx], metric[:, dst_idx], chunk_size=chunk, compute_dtype=cd
-        )
-    b, _, _ = metric.shape
-    ns = src_idx.numel()
-    mn = normalize(metric, cd)  # row-wise, so normalising all rows once changes nothing
-    a = mn[:, src_idx]
-    bt = mn[:, dst_idx].transpose(1, 2).contiguous()  # [B, C, Nd]
-    step = min(chunk, _CPU_BLOCK)
-    buf = torch.empty(min(step, ns), bt.shape[2], dtype=cd)
-    vals = torch.empty(b, ns, dtype=cd)
-    best = torch.empty(b, ns, dtype=torch.long)
-    for i in range(b):
-        for j in range(0, ns, step):
-            rows = min(step, ns - j)
-            s = torch.mm(a[i, j : j + rows], bt[i], out=buf[:rows])
-            torch.max(s, dim=-1, out=(vals[i, j : j + rows], best[i, j : j + rows]))
-    out_dtype = torch.float32 if metric.dtype in (torch.float16, torch.bfloat16) else metric.dtype
-    return vals.to(out_dtype), best
 
 
 class _Context:
