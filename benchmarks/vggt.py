@@ -22,10 +22,10 @@ import logging
 
 import torch
 
-from common.benchmark import compare, summarize, time_fn
+from common.benchmark import compare, peak_memory_mb, summarize, time_fn
 from threed.vggt import VGGT, TokenMerging, VGGTConfig, attention_share, build_plan
 from threed.vggt.layers import patch_positions
-from threed.vggt.track import peak_memory_mb, small_track_config
+from threed.vggt.track import small_track_config
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Side-by-side timing helpers for ``make bench`` (never used in tests)."""
+"""Side-by-side timing and peak-memory helpers for benchmarks and eval tracks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["time_fn", "summarize", "compare"]
+__all__ = ["time_fn", "summarize", "compare", "peak_memory_mb"]
 
 
 def _sync(device: torch.device | str | None) -> None:
@@ -72,3 +72,43 @@ def compare(
         b += time_fn(method, repeats=1, warmup=0, device=device)
     sa, sb = summarize(a), summarize(b)
     return {"baseline": sa, "method": sb, "speedup": sa["median_s"] / sb["median_s"]}
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory_mb(fn, device: torch.device) -> float | None:
+    """Peak memory (MB) above the baseline while ``fn()`` runs.
+
+    CUDA: the allocator's peak. CPU (Linux): the process's resident-set
+    high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) minus
+    the resident set before the call -- a process-level figure, so it also sees
+    allocator caching; ``None`` where /proc is unavailable.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+    except OSError:
+        fn()
+        return None
+    base = _proc_status_kb("VmRSS")
+    fn()
+    peak = _proc_status_kb("VmHWM")
+    if base is None or peak is None:
+        return None
+    return max(0, peak - base) / 1024

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,6 +267,8 @@ def test_grounding_track_rows_on_handmade_scene(tmp_path, monkeypatch):
     assert full["agreement_iou"] == pytest.approx(1.0) and full["kept_ratio"] == 1.0
     assert all(r["accuracy_valid"] is False for r in rows)
     assert all(r["fps"] > 0 for r in rows)
+    if Path("/proc/self/clear_refs").exists():  # per-setting peak memory (Linux)
+        assert all(r["peak_mem_mb"] >= 0 for r in rows)
     assert all(np.isfinite(r["acc@0.25"]) for r in rows if r is not oracle)
     assert oracle["acc@0.25"] is None and oracle["method"] == "tsp3d-oracle"  # reads the GT
     assert rows[4]["voxels_kept_64"] < full["voxels_kept_64"]

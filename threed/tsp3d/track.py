@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.benchmark import peak_memory_mb
+
 from .losses import axis_aligned_iou
 from .model import TSP3DConfig, TSP3DGrounder, make_scene_batch
 from .oracle import oracle_scores
@@ -245,24 +247,25 @@ class GroundingTrack:
         )
         unique = [bool(r.unique) for r in recs]
         centres = _object_centres(scene)
+
+        def run_all(setting: str) -> tuple[list, float | None]:
+            """Every expression under ``setting``, and the peak memory above its start."""
+            out: list = []
+
+            def go() -> None:
+                for i, r in enumerate(recs):
+                    truth = (centres, gt[i, :3]) if setting == "tsp3d-oracle" else None
+                    out.append(self._run(batch, r.description, setting, truth))
+
+            return out, peak_memory_mb(go, self.device)
+
         self._run(batch, recs[0].description, "full")  # warm-up (not timed)
-        full = [self._run(batch, r.description, "full") for r in recs]
+        full, full_mem = run_all("full")
         full_boxes = torch.stack([o.boxes[0].cpu() for o, _ in full])
         for setting in ["full", *[s for s in settings if s != "full"]]:
             if setting not in settings:
                 continue
-            if setting == "full":
-                runs = full
-            else:
-                runs = [
-                    self._run(
-                        batch,
-                        r.description,
-                        setting,
-                        (centres, gt[i, :3]) if setting == "tsp3d-oracle" else None,
-                    )
-                    for i, r in enumerate(recs)
-                ]
+            runs, mem = (full, full_mem) if setting == "full" else run_all(setting)
             boxes = torch.stack([o.boxes[0].cpu() for o, _ in runs])
             acc = grounding_accuracy(boxes, gt, unique)
             times = [t for _, t in runs]
@@ -294,8 +297,8 @@ class GroundingTrack:
                 row["method"] = "tsp3d-oracle"
                 for k in [k for k in row if k.startswith("acc@") or k == "iou_mean"]:
                     row[k] = None
-            if self.device.type == "cuda":
-                row["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            if mem is not None:  # peak above the start of this setting's runs
+                row["peak_mem_mb"] = mem
             yield row
 
     # ------------------------------------------------------------------ picture

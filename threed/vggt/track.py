@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.benchmark import peak_memory_mb
+
 from .geometry import closed_form_inverse_se3, pose_encoding_to_extri_intri
 from .merging import TokenMerging, attention_share
 from .metrics import fastvggt_chamfer, pose_auc, rotation_angle_deg, trajectory_metrics
@@ -30,7 +32,7 @@ from .preprocess import preprocess_images
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VGGTTrack", "small_track_config", "default_merge_ratios", "peak_memory_mb"]
+__all__ = ["VGGTTrack", "small_track_config", "default_merge_ratios"]
 
 
 def small_track_config() -> VGGTConfig:
@@ -67,46 +69,6 @@ def _parse_merge_ratios(text: str) -> list[float]:
     if not vals or any(not 0.0 <= v <= 1.0 for v in vals):
         raise argparse.ArgumentTypeError(f"--merge-ratio: each must be in [0, 1], got {text!r}")
     return vals
-
-
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def peak_memory_mb(fn, device: torch.device) -> float | None:
-    """Peak memory (MB) above the baseline while ``fn()`` runs.
-
-    CUDA: the allocator's peak. CPU (Linux): the process's resident-set
-    high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) minus
-    the resident set before the call -- a process-level figure, so it also sees
-    allocator caching; ``None`` where /proc is unavailable.
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-    except OSError:
-        fn()
-        return None
-    base = _proc_status_kb("VmRSS")
-    fn()
-    peak = _proc_status_kb("VmHWM")
-    if base is None or peak is None:
-        return None
-    return max(0, peak - base) / 1024
 
 
 def _finite(x: float) -> float | None:
