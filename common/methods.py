@@ -1,0 +1,228 @@
+"""The method contract: one handle for every method that patches a model, one registry.
+
+Every method of the suite is a small validated ``@dataclass`` whose
+``apply(model, ...)`` returns a :class:`MethodHandle`:
+
+* ``handle.remove()`` undoes every patch (idempotent) and the model is
+  exactly as before; the handle is also a context manager;
+* applying a method to a model that already carries an active handle
+  removes that handle first (applying again replaces, never stacks);
+* ``repr(handle)`` says what is applied to what and whether it is active.
+
+The active handles live in one registry keyed by the patched module (weak
+both ways: nothing is stored on the model, and the registry keeps neither
+the model nor the handle alive).
+
+Methods are registered by name with :func:`register_method`, so scripts and
+the run frame build them from a name and parameters
+(:func:`build_method`), and one parametrized test runs the whole contract
+over :func:`registered_methods` (keep-all identity, ``remove()`` restores,
+applying twice replaces, bad fields raise, ``generate`` consistent for LLM
+methods). A new method gets that suite by registering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+__all__ = [
+    "MethodHandle",
+    "MethodSpec",
+    "active_handle",
+    "build_method",
+    "get_method",
+    "register_method",
+    "registered_methods",
+]
+
+# patched module -> weak reference to its active handle
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def active_handle(module: nn.Module) -> MethodHandle | None:
+    """The handle currently applied to ``module`` (``None`` when there is none)."""
+    ref = _ACTIVE.get(module)
+    handle = ref() if ref is not None else None
+    return handle if handle is not None and handle.active else None
+
+
+class MethodHandle:
+    """Base of what every ``Method.apply(model)`` returns.
+
+    A subclass installs its patches, then calls :meth:`_claim` with the module
+    it patched (which removes a handle already active there), and implements
+    :meth:`_undo` (remove hooks, restore attributes). ``remove()`` calls
+    ``_undo`` once and releases the claim.
+    """
+
+    model: nn.Module
+    method: Any
+    _key: nn.Module | None = None
+    _is_active: bool = False
+
+    # ------------------------------------------------------------------ subclass API
+    def _claim(self, key: nn.Module) -> None:
+        """Register as the active handle of ``key``, replacing (removing) any other first."""
+        previous = active_handle(key)
+        if previous is not None and previous is not self:
+            previous.remove()
+        _ACTIVE[key] = weakref.ref(self)
+        self._key = key
+        self._is_active = True
+
+    def _undo(self) -> None:  # pragma: no cover - every subclass overrides it
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ public
+    @property
+    def active(self) -> bool:
+        return self._is_active
+
+    def remove(self) -> None:
+        """Undo every patch and forget all state (idempotent)."""
+        if not self._is_active:
+            return
+        self._undo()
+        self._is_active = False
+        key = self._key
+        if key is not None:
+            ref = _ACTIVE.get(key)
+            if ref is not None and ref() in (self, None):
+                del _ACTIVE[key]
+
+    def __enter__(self) -> MethodHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self._is_active else "removed"
+        model = type(getattr(self, "model", None)).__name__
+        return f"{type(self).__name__}({getattr(self, 'method', None)!r} on {model}, {state})"
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method.
+
+    Attributes:
+        name: registry name (``"fastv"``, ``"fastvggt"``, ...).
+        cls: the method dataclass.
+        kind: what it is applied to: ``"llm"`` (a Hugging Face decoder or VLM,
+            through the decoder engine), ``"vggt"``, ``"tsp3d"``, ``"video"``...;
+            the parametrized test and the run frame pick models by kind.
+        keep_all: parameters under which the method is the exact identity.
+        example: parameters under which it really prunes / merges (tests).
+        invalid: ``(field, value)`` pairs that must raise ``ValueError`` naming the field.
+        summary: one line for ``--help`` and tables.
+    """
+
+    name: str
+    cls: type
+    kind: str
+    keep_all: Mapping[str, Any] = field(default_factory=dict)
+    example: Mapping[str, Any] = field(default_factory=dict)
+    invalid: tuple[tuple[str, Any], ...] = ()
+    summary: str = ""
+
+    def build(self, **params: Any) -> Any:
+        """An instance from parameters; unknown names raise ``ValueError`` listing the fields."""
+        names = (
+            {f.name for f in dataclasses.fields(self.cls)}
+            if dataclasses.is_dataclass(self.cls)
+            else None
+        )
+        if names is not None:
+            unknown = sorted(set(params) - names)
+            if unknown:
+                raise ValueError(
+                    f"{self.name}: unknown parameter(s) {', '.join(unknown)}; "
+                    f"fields are {', '.join(sorted(names))}"
+                )
+        return self.cls(**params)
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+# modules whose import registers methods; imported lazily on the first lookup so
+# that `import common` stays light and the registry still sees every method
+_PROVIDERS = (
+    "common.engine",
+    "threed.vggt.merging",
+    "threed.tsp3d.methods",
+    "threed.adagate",
+    "video.holitom",
+    "video.baselines",
+)
+_loaded = False
+
+
+def register_method(
+    name: str,
+    *,
+    kind: str,
+    keep_all: Mapping[str, Any] | None = None,
+    example: Mapping[str, Any] | None = None,
+    invalid: tuple[tuple[str, Any], ...] = (),
+    summary: str = "",
+) -> Callable[[type], type]:
+    """Class decorator: register a method dataclass under ``name``."""
+
+    def deco(cls: type) -> type:
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing.cls.__qualname__ != cls.__qualname__:
+            raise ValueError(f"method name {name!r} is already registered by {existing.cls}")
+        _REGISTRY[name] = MethodSpec(
+            name, cls, kind, dict(keep_all or {}), dict(example or {}), tuple(invalid), summary
+        )
+        return cls
+
+    return deco
+
+
+def _load_providers() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in _PROVIDERS:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as err:
+            # a provider that does not exist (yet) is skipped; anything it fails to import
+            # is a real error (providers import optional dependencies lazily)
+            if err.name is None or not mod.startswith(err.name):
+                raise
+
+
+def registered_methods(kind: str | None = None) -> list[str]:
+    """Names of the registered methods (of one ``kind`` when given), sorted."""
+    _load_providers()
+    return sorted(n for n, s in _REGISTRY.items() if kind is None or s.kind == kind)
+
+
+def get_method(name: str) -> MethodSpec:
+    """The :class:`MethodSpec` registered as ``name`` (``ValueError`` listing the names)."""
+    _load_providers()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown method {name!r}; registered: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def build_method(name: str, **params: Any) -> Any:
+    """``get_method(name).build(**params)``."""
+    return get_method(name).build(**params)
