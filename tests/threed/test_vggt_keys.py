@@ -172,12 +172,67 @@ def test_from_checkpoint_strict_and_drops_track_head(tmp_path):
         a, b = src(x), loaded(x)
     assert torch.equal(a["depth"], b["depth"])
     assert torch.equal(a["pose_enc"], b["pose_enc"])
-    inferred = VGGT.from_checkpoint(path)  # sizes read from the checkpoint
-    assert inferred.config == cfg
+    # sizes read from the shapes; the camera trunk's head count is not in them and is
+    # the official constructor's 16 (small() builds its camera head with 4)
+    inferred = VGGT.from_checkpoint(path)
+    assert inferred.config == VGGTConfig.small(camera_heads=16)
     with torch.no_grad():
         assert torch.equal(inferred(x)["depth"], a["depth"])
+    # a checkpoint written by save_checkpoint carries its config: the same model exactly
+    src.save_checkpoint(tmp_path / "own.pt")
+    own = VGGT.from_checkpoint(tmp_path / "own.pt")
+    assert own.config == cfg
+    with torch.no_grad():
+        assert torch.equal(own(x)["pose_enc"], a["pose_enc"])
     bad = dict(state)
     bad["aggregator.unexpected"] = torch.zeros(1)
     torch.save(bad, path)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="unexpected aggregator.unexpected"):
         VGGT.from_checkpoint(path, cfg)
+
+
+def test_camera_heads_read_from_shapes_when_visible():
+    """Official VGGT: the camera head has 16 heads whatever the aggregator has (8 here);
+    a camera trunk with qk-norm shows its head count, which is then read."""
+    state = {k: torch.empty(v) for k, v in official_shapes(embed_dim=128, heads=8).items()}
+    cfg = config_from_state_dict(state)
+    assert cfg.num_heads == 8 and cfg.camera_heads == 16
+    state["camera_head.trunk.0.attn.q_norm.weight"] = torch.empty(64)  # 256 / 64 = 4 heads
+    assert config_from_state_dict(state).camera_heads == 4
+
+
+def test_from_checkpoint_errors_name_the_problem(tmp_path):
+    from threed.checkpoints import CheckpointError
+
+    with pytest.raises(FileNotFoundError, match="not found"):
+        VGGT.from_checkpoint(tmp_path / "nope.pt")
+    # a checkpoint of another model: the missing VGGT keys are named
+    torch.save({"encoder.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a VGGT checkpoint: missing aggregator") as e:
+        VGGT.from_checkpoint(tmp_path / "other.pt")
+    assert "it holds encoder" in str(e.value)
+    # a partial VGGT: the first missing key is named, not a bare KeyError
+    state = VGGT(VGGTConfig.small()).state_dict()
+    del state["aggregator.register_token"]
+    torch.save(state, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match="missing aggregator.register_token"):
+        VGGT.from_checkpoint(tmp_path / "partial.pt")
+    # garbage, empty and truncated files: "not a ... checkpoint", and never the advice to
+    # unpickle with weights_only=False
+    (tmp_path / "garbage.pt").write_bytes(b"hello world, not a checkpoint" * 10)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save(state, tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    import pickle
+    from argparse import Namespace
+
+    with open(tmp_path / "objects.pt", "wb") as f:  # a pickle of arbitrary objects
+        pickle.dump({"args": Namespace(a=1)}, f)
+    for name in ("garbage.pt", "empty.pt", "cut.pt", "objects.pt"):
+        with pytest.raises(CheckpointError, match="is not a VGGT checkpoint") as e:
+            VGGT.from_checkpoint(tmp_path / name)
+        assert "weights_only" not in str(e.value), name
+        assert e.value.__cause__ is None and e.value.__suppress_context__, name
+    with pytest.raises(CheckpointError, match="folder"):
+        VGGT.from_checkpoint(tmp_path)

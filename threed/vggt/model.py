@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..checkpoints import CheckpointError, missing_keys_message, read_checkpoint
 from .heads import CameraHead, DPTHead
 from .layers import Block, DinoViT, RotaryPositionEmbedding2D, patch_positions
 
@@ -125,10 +126,34 @@ def _count(state: dict, prefix: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def config_from_state_dict(state: dict) -> VGGTConfig:
-    """Infer a :class:`VGGTConfig` from checkpoint shapes. The aggregator's head
-    count comes from the qk-norm size; the DINOv2 and camera-trunk head counts
-    (not visible in shapes) are assumed equal to it, as in VGGT-1B (16)."""
+# keys whose shapes give the aggregator's sizes; a state dict without them is not a VGGT
+_REQUIRED_KEYS = (
+    "aggregator.camera_token",
+    "aggregator.register_token",
+    "aggregator.frame_blocks.0.attn.q_norm.weight",
+    "aggregator.patch_embed.pos_embed",
+    "aggregator.patch_embed.patch_embed.proj.weight",
+)
+# official ``CameraHead(dim_in=2 * embed_dim)``: its trunk has 16 heads whatever the
+# aggregator's, and no qk-norm, so the count is not visible in the shapes
+OFFICIAL_CAMERA_HEADS = 16
+
+
+def config_from_state_dict(state: dict, path: str | Path = "state dict") -> VGGTConfig:
+    """Infer a :class:`VGGTConfig` from checkpoint shapes.
+
+    The aggregator's head count comes from its qk-norm size. The camera trunk's and
+    DINOv2's attention carry no qk-norm, so their head counts are not in the shapes:
+    the camera head's is read from ``camera_head.trunk.0.attn.q_norm`` when present,
+    else it is the official constructor's 16 (``CameraHead``'s default, independent of
+    the aggregator; 2C / 16 must divide); DINOv2's is taken equal to the aggregator's
+    (ViT-L/14: 16, as VGGT-1B). Checkpoints written by :meth:`VGGT.save_checkpoint`
+    carry their config and need no inference. Raises :class:`CheckpointError` naming
+    the keys that are missing.
+    """
+    missing = [k for k in _REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(missing_keys_message(path, "VGGT", missing, list(state)))
     cam = state["aggregator.camera_token"]
     c = int(cam.shape[-1])
     heads = c // int(state["aggregator.frame_blocks.0.attn.q_norm.weight"].shape[0])
@@ -138,6 +163,11 @@ def config_from_state_dict(state: dict) -> VGGTConfig:
     dpt = "depth_head" if "depth_head.norm.weight" in state else "point_head"
     kw = {}
     if f"{dpt}.norm.weight" in state:
+        need = [f"{dpt}.projects.{i}.weight" for i in range(4)]
+        need.append(f"{dpt}.scratch.layer1_rn.weight")
+        lost = [k for k in need if k not in state]
+        if lost:
+            raise CheckpointError(missing_keys_message(path, "VGGT", lost, list(state)))
         kw["dpt_out_channels"] = tuple(
             int(state[f"{dpt}.projects.{i}.weight"].shape[0]) for i in range(4)
         )
@@ -145,7 +175,19 @@ def config_from_state_dict(state: dict) -> VGGTConfig:
     cam_depth = _count(state, "camera_head.trunk.")
     if cam_depth:
         kw["camera_trunk_depth"] = cam_depth
-        kw["camera_heads"] = heads
+        qn = state.get("camera_head.trunk.0.attn.q_norm.weight")
+        if qn is not None:
+            kw["camera_heads"] = 2 * c // int(qn.shape[0])
+        elif (2 * c) % OFFICIAL_CAMERA_HEADS == 0:
+            kw["camera_heads"] = OFFICIAL_CAMERA_HEADS
+        else:  # cannot come from the official constructor; the aggregator's count divides
+            log.warning(
+                "%s: camera head width %d is not a multiple of 16; assuming %d heads",
+                path,
+                2 * c,
+                heads,
+            )
+            kw["camera_heads"] = heads
     return VGGTConfig(
         img_size=side * patch,
         patch_size=patch,
@@ -323,18 +365,64 @@ class VGGT(nn.Module):
         cls, path: str | Path, cfg: VGGTConfig | None = None, map_location="cpu"
     ) -> VGGT:
         """Load the official ``model.pt`` (facebook/VGGT-1B) with ``strict=True``
-        after dropping ``track_head.*``. ``cfg`` defaults to the sizes read from
-        the checkpoint (:func:`config_from_state_dict`; VGGT-1B for model.pt)."""
-        state = torch.load(str(path), map_location=map_location, weights_only=True)
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
+        after dropping ``track_head.*``, or a file from :meth:`save_checkpoint`.
+
+        ``cfg`` defaults to the config stored in the file, else to the sizes read from
+        the checkpoint's shapes (:func:`config_from_state_dict`; VGGT-1B for model.pt).
+        The file is read with ``weights_only=True``. A missing file raises
+        ``FileNotFoundError``; a file that is not a checkpoint, or a checkpoint of
+        another model, raises :class:`~threed.checkpoints.CheckpointError` (a
+        ``ValueError``) that names what is missing.
+        """
+        raw = read_checkpoint(path, map_location, "VGGT checkpoint")
+        stored_cfg = None
+        state = raw
+        if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+            state = raw["model"]
+            if isinstance(raw.get("config"), dict):
+                stored_cfg = raw["config"]
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
+            raise CheckpointError(
+                f"{path} is not a VGGT checkpoint: expected a state dict of named tensors, "
+                f"got {type(state).__name__}"
+            )
         dropped = [k for k in state if k.startswith("track_head.")]
         state = {k: v for k, v in state.items() if not k.startswith("track_head.")}
+        if cfg is None and stored_cfg is not None:
+            cfg = VGGTConfig(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in stored_cfg.items()}
+            )
         if cfg is None:
-            cfg = config_from_state_dict(state)
+            cfg = config_from_state_dict(state, path)
         with torch.device("meta"):
             model = cls(cfg)
-        model.load_state_dict(state, strict=True, assign=True)
+        want = set(model.state_dict())
+        missing = sorted(want - set(state))
+        unexpected = sorted(set(state) - want)
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(
+                    f"missing {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
+                )
+            if unexpected:
+                parts.append(
+                    f"unexpected {', '.join(unexpected[:5])}"
+                    + (" ..." if len(unexpected) > 5 else "")
+                )
+            raise CheckpointError(
+                f"{path} does not match VGGT({cfg}): {len(missing)} missing and "
+                f"{len(unexpected)} unexpected keys: {'; '.join(parts)}"
+            )
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:  # same keys, other shapes
+            msg = str(e).strip().splitlines()
+            raise CheckpointError(
+                f"{path} does not match the VGGT sizes: {msg[-1].strip() if msg else e}"
+            ) from None
         # non-persistent buffers were created on meta: rebuild them
         agg = model.aggregator
         dev = agg.camera_token.device
@@ -344,6 +432,14 @@ class VGGT(nn.Module):
             "loaded %s (%d tensors, dropped %d track_head keys)", path, len(state), len(dropped)
         )
         return model.eval()
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Write ``{"model": state_dict, "config": sizes}`` (readable with
+        ``weights_only=True``); :meth:`from_checkpoint` rebuilds the same model from it
+        without guessing the head counts that the shapes do not show."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": self.state_dict(), "config": self.config_dict()}, path)
 
     def config_dict(self) -> dict:
         return asdict(self.config)
