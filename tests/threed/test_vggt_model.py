@@ -75,3 +75,41 @@ def test_patch_embed_tokens_stay_float32_under_autocast(model):
     pos = dino._pos_embed(3, 4, torch.float32)[:, 1:]
     expect = ref.to(torch.bfloat16).float() + pos
     torch.testing.assert_close(tokens[:, 1 + dino.num_register_tokens :], expect, atol=0.05, rtol=0)
+
+
+def test_preprocess_pad_mode_and_mixed_sizes_white_padding(caplog):
+    """vggt/utils/load_fn.py: ``mode="pad"`` fits the longer side to 518 and pads with
+    white to a square; frames of different sizes are padded with white to the largest."""
+    import logging
+
+    import numpy as np
+
+    from threed.vggt import preprocess_images, target_hw
+
+    g = np.random.default_rng(0)
+    wide = (g.random((300, 600, 3)) * 255).astype(np.uint8)  # -> 252 x 518 (round(18.5) = 18)
+    tall = np.ascontiguousarray(wide.transpose(1, 0, 2))  # 600 x 300 -> 518 x 252
+    scan = (g.random((480, 640, 3)) * 255).astype(np.uint8)  # -> 392 x 518
+    crop = preprocess_images([wide])
+    assert crop.shape == (1, 3, 252, 518)
+    sq = preprocess_images([wide, tall], mode="pad")
+    assert sq.shape == (2, 3, 518, 518) and target_hw(300, 600, mode="pad") == (518, 518)
+    top = (518 - 252) // 2
+    assert torch.equal(sq[0, :, top : top + 252], crop[0])  # same resize, centred
+    assert bool((sq[0, :, :top] == 1).all()) and bool((sq[0, :, top + 252 :] == 1).all())
+    assert bool((sq[1, :, :, :top] == 1).all()) and bool((sq[1, :, :, top + 252 :] == 1).all())
+    assert not bool((sq[1, :, :, top : top + 252] == 1).all())
+    with caplog.at_level(logging.WARNING, logger="threed.vggt.preprocess"):
+        mixed = preprocess_images([scan, wide])
+    assert "different sizes" in caplog.text
+    assert mixed.shape == (2, 3, 392, 518)
+    assert torch.equal(mixed[0], preprocess_images([scan])[0])
+    pad = (392 - 252) // 2
+    assert torch.equal(mixed[1, :, pad : pad + 252], crop[0])
+    assert bool((mixed[1, :, :pad] == 1).all()) and bool((mixed[1, :, pad + 252 :] == 1).all())
+    with pytest.raises(ValueError, match="same size"):
+        preprocess_images([scan, wide], mixed_sizes="raise")
+    with pytest.raises(ValueError, match="mode"):
+        preprocess_images([scan], mode="square")
+    with pytest.raises(ValueError, match="mixed_sizes"):
+        preprocess_images([scan], mixed_sizes="crop")
