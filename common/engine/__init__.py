@@ -2,7 +2,7 @@
 
 Usage::
 
-    from common.engine import FastV, PDrop, apply_plan, attention_rows
+    from common.engine import FastV, PDrop
 
     # spans detected from the config's image/video token id (VLMs) ...
     with FastV(layer=2, keep_ratio=0.25).apply(vlm):
@@ -13,35 +13,41 @@ Usage::
     handle.last_plan["keep_idx"]   # {layer: [B, L_l] original indices kept}
     handle.remove()
 
-A new method is a :class:`TokenPlan`: ``layers``, ``keep(stage, span_len)``,
-``score(layer_idx, hidden_states, layer_module, ctx) -> [B, span_len]`` and
-optionally ``fold(hidden_states, ctx, keep_pos, drop_pos)``; pass it to
-:func:`apply_plan`. See :mod:`common.engine.core` for the mechanism and its
-guarantees.
+A new method is a :class:`TokenPlan` subclass: ``layers``, ``score(ctx)``,
+and optionally ``budget`` / ``select`` / ``match`` / ``fold``; its inherited
+``apply(model, spans=...)`` installs it. :mod:`common.engine.plan` has a
+worked example ("how to write a plan").
+
+Modules: :mod:`~common.engine.plan` (the plan API), :mod:`~common.engine.spans`
+(which positions may be pruned), :mod:`~common.engine.versions` (what each
+transformers version hands a layer), :mod:`~common.engine.runner` (the
+prefill / decode state machine), :mod:`~common.engine.slicing` (masks, rotary
+and positions for the kept tokens), :mod:`~common.engine.attention`
+(attention rows recomputed from q/k).
 """
 
 from common.engine.attention import attention_rows
-from common.engine.core import (
-    EngineHandle,
-    PlanContext,
-    TokenPlan,
-    apply_plan,
-    find_decoder_layers,
-    span_mask,
-    spans_from_token_id,
-)
 from common.engine.fastv import FastV
 from common.engine.pdrop import PDrop
+from common.engine.plan import PlanContext, StageRecord, TokenPlan, topk_per_sample
+from common.engine.runner import EngineHandle, apply_plan, find_decoder_layers
+from common.engine.spans import SpanSpec, span_mask, spans_from_token_id
+from common.engine.versions import SUPPORTED_RANGE, check_supported
 
 __all__ = [
+    "SUPPORTED_RANGE",
     "EngineHandle",
     "FastV",
     "PDrop",
     "PlanContext",
+    "SpanSpec",
+    "StageRecord",
     "TokenPlan",
     "apply_plan",
     "attention_rows",
+    "check_supported",
     "find_decoder_layers",
     "span_mask",
     "spans_from_token_id",
+    "topk_per_sample",
 ]

@@ -19,19 +19,27 @@ Which attention map ranks the tokens (``attention_from``):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from common.checks import budget, check_count, check_ratio
-from common.engine.core import EngineHandle, PlanContext, SpanSpec, apply_plan
+from common.engine.plan import PlanContext, TokenPlan
+from common.methods import register_method
 
 __all__ = ["FastV"]
 
 
+@register_method(
+    "fastv",
+    kind="llm",
+    keep_all={"keep_ratio": 1.0},
+    example={"layer": 1, "keep_ratio": 0.5},
+    invalid=(("layer", 0), ("keep_ratio", 0.0), ("keep_ratio", 1.5), ("attention_from", "x")),
+    summary="FastV: keep the span tokens the last prompt token attends to most at layer K-1",
+)
 @dataclass
-class FastV:
+class FastV(TokenPlan):
     """FastV token pruning inside a decoder.
 
     Attributes:
@@ -48,6 +56,8 @@ class FastV:
     keep_ratio: float = 0.5
     attention_from: str = "previous"
 
+    layers_field = "layer"
+
     def __post_init__(self) -> None:
         check_count("layer", self.layer, low=1)
         check_ratio("keep_ratio", self.keep_ratio)
@@ -56,7 +66,6 @@ class FastV:
                 f"attention_from must be 'current' or 'previous', got {self.attention_from!r}"
             )
 
-    # TokenPlan protocol -------------------------------------------------
     @property
     def layers(self) -> tuple[int, ...]:
         return (self.layer,)
@@ -65,24 +74,9 @@ class FastV:
     def needs_previous_layer(self) -> bool:
         return self.attention_from == "previous"
 
-    def keep(self, stage: int, span_len: int) -> int:
+    def budget(self, stage: int, span_len: int) -> int:
         return budget(span_len, float(self.keep_ratio), name="keep_ratio")
 
-    def score(
-        self, layer_idx: int, hidden_states: Tensor, layer_module: nn.Module, ctx: PlanContext
-    ) -> Tensor:
+    def score(self, ctx: PlanContext) -> Tensor:
         """``[B, S]`` head-averaged attention of the last token over the alive span."""
         return ctx.span_attention(-1, previous=self.attention_from == "previous")
-
-    # ------------------------------------------------------------------
-    def apply(
-        self,
-        model: nn.Module,
-        *,
-        spans: SpanSpec | None = None,
-        span_token_id: int | Iterable[int] | None = None,
-    ) -> EngineHandle:
-        """Patch ``model`` (see :func:`common.engine.apply_plan`); returns the handle."""
-        return apply_plan(
-            model, self, spans=spans, span_token_id=span_token_id, layers_name="layer"
-        )

@@ -8,19 +8,27 @@ layer's own ``q_proj`` / ``k_proj`` + rotary on its input, and the top
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from common.checks import budget, check_count, check_ratio
-from common.engine.core import EngineHandle, PlanContext, SpanSpec, apply_plan
+from common.engine.plan import PlanContext, TokenPlan
+from common.methods import register_method
 
 __all__ = ["PDrop"]
 
 
+@register_method(
+    "pdrop",
+    kind="llm",
+    keep_all={"layers": (1,), "ratios": (1.0,)},
+    example={"layers": (1, 2), "ratios": (0.5, 0.5)},
+    invalid=(("layers", (2, 2)), ("layers", (0,)), ("ratios", (0.5, 0.0)), ("layers", ())),
+    summary="PDrop: staged top-k of the span by the last instruction token's attention",
+)
 @dataclass
-class PDrop:
+class PDrop(TokenPlan):
     """PDrop token pruning inside a decoder.
 
     Attributes:
@@ -48,23 +56,9 @@ class PDrop:
         for i, r in enumerate(self.ratios):
             check_ratio(f"ratios[{i}]", r)
 
-    # TokenPlan protocol -------------------------------------------------
-    def keep(self, stage: int, span_len: int) -> int:
+    def budget(self, stage: int, span_len: int) -> int:
         return budget(span_len, float(self.ratios[stage]), name=f"ratios[{stage}]")
 
-    def score(
-        self, layer_idx: int, hidden_states: Tensor, layer_module: nn.Module, ctx: PlanContext
-    ) -> Tensor:
+    def score(self, ctx: PlanContext) -> Tensor:
         """``[B, S]`` head-averaged attention of the last instruction token over the alive span."""
         return ctx.span_attention(-1)
-
-    # ------------------------------------------------------------------
-    def apply(
-        self,
-        model: nn.Module,
-        *,
-        spans: SpanSpec | None = None,
-        span_token_id: int | Iterable[int] | None = None,
-    ) -> EngineHandle:
-        """Patch ``model`` (see :func:`common.engine.apply_plan`); returns the handle."""
-        return apply_plan(model, self, spans=spans, span_token_id=span_token_id)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -53,9 +55,6 @@ def test_bad_spans_raise_naming_spans():
     with FastV(layer=1, keep_ratio=0.5).apply(model, spans=[(length - 2, length + 3)]):
         with pytest.raises(ValueError, match="spans"):
             model(**inputs)
-    with FastV(layer=1, keep_ratio=0.5).apply(model, spans=[[(2, 6)], [(2, 8)]]):
-        with pytest.raises(ValueError, match="spans"):  # different span lengths per sample
-            model(**inputs)
     with FastV(layer=1, keep_ratio=0.5).apply(model, spans=[[(2, 6)], [(2, 6)], [(2, 6)]]):
         with pytest.raises(ValueError, match="spans"):  # three lists for a batch of 2
             model(**inputs)
@@ -95,8 +94,10 @@ def test_token_id_detection_and_set_spans():
         with torch.no_grad():
             model(**inputs)
         assert h.last_plan is None and h.num_pruned_prefills == 3
-    # no span at all -> nothing pruned
-    with FastV(layer=1, keep_ratio=0.5).apply(model) as h, torch.no_grad():
+    # no span at all -> a warning at apply() time, and nothing pruned
+    with pytest.warns(UserWarning, match="nothing will be pruned"):
+        h = FastV(layer=1, keep_ratio=0.5).apply(model)
+    with h, torch.no_grad():
         out = model(**inputs).logits
     assert out.shape[1] == ids.shape[1] and h.num_pruned_prefills == 0 and h.last_plan is None
 
@@ -125,35 +126,40 @@ def test_apply_twice_replaces_and_removes_cleanly():
         assert torch.equal(model(**inputs).logits, ref)
 
 
-class _FoldPlan:
+@dataclass
+class _FoldPlan(TokenPlan):
     """Keep the first half of the span; fold every dropped token into the last kept one."""
 
+    fold_weight: float = 0.0
     layers = (2,)
 
-    def __init__(self, fold_weight: float) -> None:
-        self.fold_weight = fold_weight
+    def __post_init__(self) -> None:
         self.seen: dict = {}
 
-    def keep(self, stage, span_len):
+    def budget(self, stage, span_len):
         return span_len // 2
 
-    def score(self, layer_idx, hidden_states, layer_module, ctx):
+    def score(self, ctx):
         s = ctx.span_pos.shape[1]
         return -torch.arange(s, dtype=torch.float32).expand(ctx.span_pos.shape[0], -1)
 
-    def fold(self, hidden_states, ctx, keep_pos, drop_pos):
-        self.seen = {"keep": keep_pos.clone(), "drop": drop_pos.clone()}
-        h = hidden_states.clone()
-        dropped = h.gather(1, drop_pos[:, :, None].expand(-1, -1, h.shape[-1])).mean(1)
-        last = keep_pos[:, -1]
-        rows = torch.arange(h.shape[0])
-        h[rows, last] = h[rows, last] + self.fold_weight * dropped
-        return h
+    def match(self, keep, ctx):
+        last = keep.long().cumsum(1).argmax(1, keepdim=True)  # slot of the last kept token
+        slots = torch.arange(keep.shape[1]).expand_as(keep)
+        return torch.where(keep, slots, last.expand_as(keep))
+
+    def fold(self, hidden_states, merge, ctx):
+        self.seen = {"keep": merge.keep_idx.clone(), "dst_of": merge.dst_of.clone()}
+        kept = hidden_states.gather(
+            1, merge.keep_idx[:, :, None].expand(-1, -1, hidden_states.shape[-1])
+        )
+        # mean of each slot's members (the kept token included), weighted toward the kept one
+        mean = merge.merge(hidden_states, mode="mean")
+        return kept + self.fold_weight * (mean - kept)
 
 
 def test_custom_plan_with_fold():
     model, inputs, spans = build("llama", "sdpa")
-    assert isinstance(_FoldPlan(0.0), TokenPlan)
     plan0, plan1 = _FoldPlan(0.0), _FoldPlan(1.0)
     with apply_plan(model, plan0, spans=spans) as h, torch.no_grad():
         a = model(**inputs).logits
@@ -164,7 +170,13 @@ def test_custom_plan_with_fold():
     n = end - start
     first_half = list(range(start, start + n // 2))
     assert [p for p in keep[0].tolist() if start <= p < end] == first_half
-    assert plan1.seen["keep"].shape == (2, n // 2) and plan1.seen["drop"].shape == (2, n - n // 2)
+    length = inputs["input_ids"].shape[1]
+    assert plan1.seen["keep"].shape == (2, length - n + n // 2)
+    # every dropped span token went into the slot of the last kept span token
+    for s, ((st, en),) in enumerate(spans):
+        dst = plan1.seen["dst_of"][s]
+        last_slot = plan1.seen["keep"][s].tolist().index(st + n // 2 - 1)
+        assert set(dst[st + n // 2 : en].tolist()) == {last_slot}
     assert not torch.allclose(a, b)  # the fold changed the kept token
 
 
@@ -273,12 +285,10 @@ def test_sliding_window_layers_after_the_prune_point_are_refused():
 
 def test_slicing_helpers_for_layouts_not_used_by_the_tiny_models():
     """2-D (FlashAttention) masks, [3, B, L] positions and [3, B, L, hd] rotary tables."""
-    from common.engine.core import (
-        _slice_mask_decode,
-        _slice_mask_prefill,
-        _slice_position_ids,
-        _slice_rotary,
-    )
+    from common.engine.slicing import slice_mask_decode as _slice_mask_decode
+    from common.engine.slicing import slice_mask_prefill as _slice_mask_prefill
+    from common.engine.slicing import slice_position_ids as _slice_position_ids
+    from common.engine.slicing import slice_rotary as _slice_rotary
 
     idx = torch.tensor([[0, 2, 5], [1, 3, 4]])
     mask2d = torch.arange(12).view(2, 6)
@@ -311,7 +321,7 @@ def test_span_over_the_last_position_warns(caplog):
     model, inputs, _ = build("llama", "sdpa")
     length = inputs["input_ids"].shape[1]
     with FastV(layer=1, keep_ratio=0.5).apply(model, spans=[(length - 4, length)]) as h:
-        with caplog.at_level("WARNING", logger="common.engine.core"), torch.no_grad():
+        with caplog.at_level("WARNING", logger="common.engine.runner"), torch.no_grad():
             model(**inputs)
     assert "last prompt position" in caplog.text
     assert h.num_pruned_prefills == 1
