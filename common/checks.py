@@ -20,6 +20,8 @@ __all__ = [
     "check_ratio",
     "check_count",
     "budget",
+    "ROUNDING_MODES",
+    "top_r",
     "check_range",
 ]
 
@@ -88,28 +90,63 @@ def check_range(name: str, value: float, low: float, high: float) -> float:
     return float(value)
 
 
-def budget(n: int, keep: float | int, *, name: str = "keep", rounding: str = "round") -> int:
-    """Number of tokens to keep out of ``n``.
+ROUNDING_MODES = ("round", "ceil", "floor", "trunc")
 
-    ``keep`` is a ratio in (0, 1] (float) or an exact count in [0, n] (int).
-    ``rounding`` is ``"round"``, ``"ceil"`` or ``"floor"`` for ratios; the
-    result of a ratio is at least 1 when ``n > 0``.
+
+def budget(
+    n: int,
+    keep: float | int,
+    *,
+    name: str = "keep",
+    rounding: str = "round",
+    at_least_one: bool = True,
+) -> int:
+    """Number of tokens out of ``n`` that a ratio or a count stands for: the one rule.
+
+    ``keep`` is a ratio in [0, 1] (float) or an exact count in [0, n] (int);
+    zero means none in both forms (an empty selection). A ratio becomes
+    ``n * keep`` rounded by ``rounding``, one mode per method's official code:
+
+    - ``"round"``: Python ``round`` (half to even: ``round(2.5) == 2``);
+      FastV, PDrop, HoliTom's static / inner-LLM counts;
+    - ``"ceil"`` / ``"floor"``: with a 1e-9 tolerance, so ``0.3 * 10`` is 3
+      (HoliTom's dynamic tokens, TSP3D's keep ratios use ``"ceil"``);
+    - ``"trunc"``: ``int(n * keep)`` exactly as written in the official code,
+      without tolerance (FastVGGT's ``r``, AdaToken-3D's counts).
+
+    A positive ratio gives at least one token when ``n > 0`` unless
+    ``at_least_one=False`` (FastVGGT merges ``int(ratio * N)`` tokens, which
+    may be zero).
     """
     check_count("n", n)
     if isinstance(keep, bool):
         raise TypeError(f"{name} must be a float ratio or an int count, got bool")
     if isinstance(keep, int):
         return check_count(name, keep, high=n)
-    check_ratio(name, keep)
+    check_ratio(name, keep, allow_zero=True)
     if rounding == "round":
         k = round(n * keep)
     elif rounding == "ceil":
         k = math.ceil(n * keep - 1e-9)
     elif rounding == "floor":
         k = math.floor(n * keep + 1e-9)
+    elif rounding == "trunc":
+        k = int(n * keep)
     else:
-        raise ValueError(f"rounding must be 'round', 'ceil' or 'floor', got {rounding!r}")
-    return min(n, max(k, 1 if n > 0 else 0))
+        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+    if keep > 0 and at_least_one and n > 0:
+        k = max(k, 1)
+    return min(n, max(k, 0))
+
+
+def top_r(scores: torch.Tensor, r: int) -> torch.Tensor:
+    """Positions of the ``r`` largest ``scores [B, M]`` per row, best first: ``[B, r]`` long.
+
+    The one deterministic top-r of the suite (selection, ToMe matching,
+    FastVGGT's cut): a stable descending sort, so ties go to the lower
+    position (``torch.topk`` leaves the order of ties unspecified).
+    """
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :r]
 
 
 def check_compute_dtype(compute_dtype: object, name: str = "compute_dtype") -> None:

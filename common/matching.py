@@ -29,6 +29,7 @@ from common.checks import (
     check_finite,
     check_tensor,
     make_generator,
+    top_r,
 )
 from common.merging import (
     MERGE_MODES,
@@ -225,8 +226,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_first: int = 0
         m = normalize(metric)
         scores = m[:, a_idx] @ m[:, b_idx].transpose(1, 2)  # [B, Na, Nb]
         node_max, node_idx = scores.max(dim=-1)  # first max on ties
-        order = torch.sort(node_max, dim=-1, descending=True, stable=True).indices
-        src_local = order[:, :r]  # [B, r] positions in A
+        src_local = top_r(node_max, r)  # [B, r] positions in A, ties -> lower index
         dst_local = node_idx.gather(1, src_local)
         target.scatter_(1, a_idx[src_local], b_idx[dst_local])
     return merge_from_targets(target)
@@ -348,8 +348,9 @@ def match_src_to_dst(
     protected: torch.Tensor | None = None,
     chunk_size: int | None = None,
     compute_dtype: torch.dtype | None = None,
+    r: int | None = None,
 ) -> Merge:
-    """Merge every src token into its most cosine-similar dst token (FastVGGT).
+    """Merge src tokens into their most cosine-similar dst token (FastVGGT).
 
     Args:
         metric: ``[B, N, C]`` floating point (FastVGGT: the block's norm1 output).
@@ -365,14 +366,24 @@ def match_src_to_dst(
             ``None`` = all at once.
         compute_dtype: dtype of the similarity matmul (FastVGGT: bfloat16);
             default float32 for half inputs, else the metric's dtype.
+        r: ``None`` merges every unprotected src; an int merges only the ``r``
+            unprotected src with the highest similarity to their match (clipped
+            to the smallest number of unprotected src of a row), FastVGGT's
+            top-r cut. Ties of that cut go to the lower position in ``src_idx``
+            (:func:`common.checks.top_r`, as ToMe's matcher here).
 
     Returns:
-        :class:`Merge` with ``K = N - (number of unprotected src)``.
-        Ties go to the lowest-numbered dst position in ``dst_idx``.
+        :class:`Merge` with ``K = N - (number of merged src)``.
+        Ties of the best match go to the lowest-numbered dst position in ``dst_idx``.
+
+    When every row shares ``src_idx`` (1-D) and the same protected src, only
+    the unprotected src are matched (a protected src never reads its match);
+    the result is the same as matching all of them.
     """
     metric = check_tensor("metric", metric, 3, floating=True)
     check_finite("metric", metric)
     b, n, _ = metric.shape
+    shared_src = isinstance(src_idx, torch.Tensor) and src_idx.ndim == 1
     dst_idx = _as_batched_index("dst_idx", dst_idx, b, n)
     src_idx = _as_batched_index("src_idx", src_idx, b, n)
     if dst_idx.shape[1] == 0 and src_idx.shape[1] > 0:
@@ -380,6 +391,8 @@ def match_src_to_dst(
     if chunk_size is not None:
         check_count("chunk_size", chunk_size, low=1)
     check_compute_dtype(compute_dtype)
+    if r is not None:
+        check_count("r", r)
     device = metric.device
     use = torch.zeros(b, n, dtype=torch.int32, device=device)
     use.scatter_add_(1, dst_idx, torch.ones_like(dst_idx, dtype=torch.int32))
@@ -400,18 +413,38 @@ def match_src_to_dst(
     if ns == 0:
         return merge_from_targets(target)
     with torch.no_grad():
+        valid = None if protected is None else ~protected.gather(1, src_idx)  # [B, Ns]
+        # match only the src that can merge when every row agrees on them
+        rows = None
+        if valid is None:
+            rows = torch.arange(ns, device=device) if shared_src else None
+        elif shared_src and (b == 1 or bool((valid == valid[:1]).all())):
+            rows = valid[0].nonzero()[:, 0]
+        num_valid = ns if valid is None else int(valid.sum(1).min())
+        if r is not None:
+            num_valid = min(r, num_valid)
+        if num_valid == 0:
+            return merge_from_targets(target)
+        sub = src_idx if rows is None else src_idx[:, rows]  # [B, Nm] src that are matched
         c = metric.shape[-1]
-        src = metric.gather(1, src_idx[..., None].expand(b, ns, c))
+        src = metric.gather(1, sub[..., None].expand(b, sub.shape[1], c))
         dst = metric.gather(1, dst_idx[..., None].expand(b, dst_idx.shape[1], c))
-        best = best_match(src, dst, chunk_size=chunk_size, compute_dtype=compute_dtype)[1]
-        tgt = dst_idx.gather(1, best)
-        if protected is not None:
-            tgt = torch.where(protected.gather(1, src_idx), src_idx, tgt)
-        target.scatter_(1, src_idx, tgt)
+        sims, best = best_match(src, dst, chunk_size=chunk_size, compute_dtype=compute_dtype)
+        if r is None or (rows is not None and num_valid == rows.numel()):
+            tgt = dst_idx.gather(1, best)  # every matched src merges
+            if rows is None and valid is not None:
+                tgt = torch.where(valid, tgt, src_idx)
+            target.scatter_(1, sub, tgt)
+        else:
+            score = sims.float()
+            if rows is None and valid is not None:
+                score = score.masked_fill(~valid, float("-inf"))
+            chosen = top_r(score, num_valid)  # [B, r] positions in sub
+            target.scatter_(1, sub.gather(1, chosen), dst_idx.gather(1, best.gather(1, chosen)))
     kept = (target == torch.arange(n, device=device)).sum(1)
     if bool((kept != kept[0]).any()):
         raise ValueError(
             f"protected leaves batch rows with different numbers of kept tokens "
-            f"{kept.tolist()}; use one partition for every row (or batch 1)"
+            f"{kept.tolist()}; use one partition for every row (or batch 1), or pass r"
         )
     return merge_from_targets(target)

@@ -73,43 +73,102 @@ def _counts(dst_of: torch.Tensor, num_kept: int, dtype: torch.dtype) -> torch.Te
 
 
 def scatter_merge(
-    x: torch.Tensor, dst_of: torch.Tensor, num_kept: int, mode: str = "mean"
+    x: torch.Tensor,
+    dst_of: torch.Tensor,
+    num_kept: int,
+    mode: str = "mean",
+    *,
+    dim: int = 1,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reduce the members of each output slot.
 
     Args:
-        x: ``[B, N, *]`` tensor riding along (features, positions, sizes ...).
+        x: ``[B, N, *]`` tensor riding along (features, positions, sizes ...);
+            with ``dim`` the token axis may sit elsewhere, e.g. ``[B, H, N, D]``
+            with ``dim=2`` (per-head q / k / v, no transposed copy needed).
         dst_of: ``[B, N]`` long, output slot of every token, values in ``[0, K)``.
         num_kept: ``K``, number of output slots.
         mode: ``"sum"``, ``"mean"`` (mean of all members, the kept token
             included, as ToMe / FastVGGT ``include_self=True``) or ``"amax"``.
             (``"wavg"`` needs sizes: use :func:`weighted_average_merge`.)
+        dim: the token axis of ``x`` (``"sum"`` / ``"mean"`` for ``dim > 1``).
+        out: optional tensor of ``x``'s dtype and the result's shape to write
+            into (for instance a slice of a larger buffer); ``dim > 1`` only.
 
     Returns:
-        ``[B, K, *]`` in ``x``'s dtype. A slot with no member is zero.
-        ``amax`` also accepts bool / integer ``x``.
+        ``x`` with its ``dim`` axis reduced to ``K``, in ``x``'s dtype. A slot
+        with no member is zero. ``amax`` also accepts bool / integer ``x``.
+        Sums run in index order from zero (float32 for half inputs), so every
+        ``dim`` gives bitwise the same values.
     """
     dst_of = check_assignment("dst_of", dst_of, num_kept)
-    x = _check_rides("x", x, dst_of)
     if mode not in ("sum", "mean", "amax"):
         raise ValueError(f"mode must be 'sum', 'mean' or 'amax' here, got {mode!r}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be an int >= 1 (the batch is dim 0), got {dim!r}")
+    if dim != 1:
+        return _merge_along(x, dst_of, num_kept, mode, dim, out)
+    if out is not None:
+        raise ValueError("out is only supported with dim > 1")
+    x = _check_rides("x", x, dst_of)
     b, n = dst_of.shape
     trailing = x.shape[2:]
     x3 = x.reshape(b, n, -1)
     if mode == "amax":
         src = x3.to(torch.uint8) if x3.dtype == torch.bool else x3
-        out = src.new_zeros(b, num_kept, src.shape[-1])
-        out = out.scatter_reduce_(
+        res = src.new_zeros(b, num_kept, src.shape[-1])
+        res = res.scatter_reduce_(
             1, dst_of[..., None].expand_as(src), src, reduce="amax", include_self=False
         )
-        return out.to(x.dtype).reshape(b, num_kept, *trailing)
+        return res.to(x.dtype).reshape(b, num_kept, *trailing)
     if not x.is_floating_point() and mode == "mean":
         raise TypeError(f"x must be floating point for mode='mean', got {x.dtype}")
     acc = accumulation_dtype(x.dtype)
-    out = _scatter_sum(x3.to(acc), dst_of, num_kept)
+    res = _scatter_sum(x3.to(acc), dst_of, num_kept)
     if mode == "mean":
-        out = out / _counts(dst_of, num_kept, acc).clamp_min(1)[..., None]
-    return out.to(x.dtype).reshape(b, num_kept, *trailing)
+        res = res / _counts(dst_of, num_kept, acc).clamp_min(1)[..., None]
+    return res.to(x.dtype).reshape(b, num_kept, *trailing)
+
+
+def _merge_along(
+    x: object, dst_of: torch.Tensor, num_kept: int, mode: str, dim: int, out: torch.Tensor | None
+) -> torch.Tensor:
+    """:func:`scatter_merge` with the token axis at ``dim > 1`` (sum / mean)."""
+    x = check_tensor("x", x)
+    b, n = dst_of.shape
+    if x.ndim <= dim or x.shape[0] != b or x.shape[dim] != n:
+        raise ValueError(
+            f"x must have batch {b} and {n} tokens along dim {dim}, got {tuple(x.shape)}"
+        )
+    if x.device != dst_of.device:
+        raise ValueError(f"x is on {x.device} but the assignment is on {dst_of.device}")
+    if mode == "amax":
+        raise ValueError("mode='amax' supports dim=1 only")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point for dim > 1, got {x.dtype}")
+    shape = (*x.shape[:dim], num_kept, *x.shape[dim + 1 :])
+    if out is None:
+        out = x.new_empty(shape)
+    elif tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(
+            f"out must be {x.dtype} on {x.device} with shape {shape}, got "
+            f"{out.dtype} on {out.device} with shape {tuple(out.shape)}"
+        )
+    acc = accumulation_dtype(x.dtype)
+    # sum straight into ``out`` when no wider accumulator is needed
+    sums = out if acc == x.dtype else x.new_empty(shape, dtype=acc)
+    sums.zero_()
+    src = x.to(acc)
+    for i in range(b):  # along the token axis of each item: no transposed copy of x
+        sums[i].index_add_(dim - 1, dst_of[i], src[i])
+    if mode == "mean":
+        view = [b] + [1] * (x.ndim - 1)
+        view[dim] = num_kept
+        sums.div_(_counts(dst_of, num_kept, acc).clamp_min(1).view(view))
+    if sums is not out:
+        out.copy_(sums)
+    return out
 
 
 def mean_merge(x: torch.Tensor, dst_of: torch.Tensor, num_kept: int) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Choosing which tokens to keep (pure tensor functions).
 
-Every selector takes a budget ``keep`` as a ratio in (0, 1] (float) or an
-exact count in [0, N] (int), resolved by :func:`common.checks.budget`, and
-returns ``keep_idx [B, K]``: long, unique, sorted ascending, exactly ``K``
-per row. Greedy selectors (k-center, DivPrune) loop over the K picks (each
+Every selector takes a budget ``keep`` as a ratio in [0, 1] (float) or an
+exact count in [0, N] (int), resolved by :func:`common.checks.budget` (one
+rule: ``0`` and ``0.0`` both select nothing, a positive ratio at least one
+token), and returns ``keep_idx [B, K]``: long, unique, sorted ascending,
+exactly ``K`` per row. Greedy selectors (k-center, DivPrune) loop over the K picks (each
 pick is sequential by definition) with the work on all N tokens vectorised.
 """
 
@@ -14,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from common.checks import budget, check_finite, check_tensor
+from common.checks import budget, check_finite, check_tensor, top_r
 from common.similarity import best_match, normalize
 
 __all__ = ["topk_keep", "k_center_greedy", "divprune_select"]
@@ -26,13 +27,22 @@ def _as_batched(name: str, x: object, ndim: int) -> tuple[torch.Tensor, bool]:
     return (x[None] if squeeze else x), squeeze
 
 
+def _features(name: str, x: object) -> tuple[torch.Tensor, bool]:
+    """``[B, N, D]`` (or ``[N, D]``) finite floating-point features, batched."""
+    xb, squeeze = _as_batched(name, x, 3)
+    if not xb.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {xb.dtype}")
+    check_finite(name, xb)
+    return xb, squeeze
+
+
 def topk_keep(scores: torch.Tensor, keep: float | int, *, rounding: str = "round") -> torch.Tensor:
     """Indices of the ``K`` highest scores, sorted ascending.
 
     Args:
         scores: ``[B, N]`` (or ``[N]``) real scores, higher = keep.
-        keep: ratio in (0, 1] or count in [0, N] (see :func:`common.checks.budget`).
-        rounding: ``"round"``, ``"ceil"`` or ``"floor"`` for ratios.
+        keep: ratio in [0, 1] or count in [0, N] (see :func:`common.checks.budget`).
+        rounding: how a ratio becomes a count (:data:`common.checks.ROUNDING_MODES`).
 
     Returns:
         ``[B, K]`` (or ``[K]``) long. Ties are broken toward the lower index.
@@ -42,8 +52,7 @@ def topk_keep(scores: torch.Tensor, keep: float | int, *, rounding: str = "round
         raise TypeError(f"scores must be real numbers, got {s.dtype}")
     check_finite("scores", s)
     k = budget(s.shape[1], keep, rounding=rounding)
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
-    out = order.sort(dim=1).values
+    out = top_r(s, k).sort(dim=1).values
     return out[0] if squeeze else out
 
 
@@ -94,10 +103,7 @@ def k_center_greedy(
     Returns:
         ``[B, K]`` long (``[K]`` for 2-D input). Ties -> lower index.
     """
-    xb, squeeze = _as_batched("x", x, 3)
-    if not xb.is_floating_point():
-        raise TypeError(f"x must be floating point, got {xb.dtype}")
-    check_finite("x", xb)
+    xb, squeeze = _features("x", x)
     if distance not in ("euclidean", "cosine"):
         raise ValueError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
     b, n, _ = xb.shape
@@ -155,10 +161,7 @@ def divprune_select(
     Returns:
         ``[B, K]`` long (``[K]`` for 2-D input). Ties -> lower index.
     """
-    xb, squeeze = _as_batched("x", x, 3)
-    if not xb.is_floating_point():
-        raise TypeError(f"x must be floating point, got {xb.dtype}")
-    check_finite("x", xb)
+    xb, squeeze = _features("x", x)
     b, n, _ = xb.shape
     k = budget(n, keep)
     feats = normalize(xb)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from threed.evaluation.cli import setup_logging
+from common.cli import setup_logging
 
 AREAS = ["primitives", "engine", "vggt", "tsp3d"]
 

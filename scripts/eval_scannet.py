@@ -17,11 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from threed.evaluation import EvalConfig, available_tracks, run_eval
-from threed.evaluation.cli import setup_logging
-from threed.evaluation.runner import DataPaths, resolve_scenes
+from common.cli import configure_threads, setup_logging
+from common.runs import RunConfig, RunError, check_device, check_out_dir, run
+from threed.evaluation import TRACKS, DataPaths, resolve_scenes, scene_loader
 
 
 def parse_ratios(text: str) -> list[float]:
@@ -54,47 +52,48 @@ def build_parser(tracks: dict) -> argparse.ArgumentParser:
         help="where generated scenes are cached (default: %(default)s)",
     )
     data.add_argument("--num-synthetic-scenes", type=int, default=2)
-    run = p.add_argument_group("run")
-    run.add_argument(
+    run_group = p.add_argument_group("run")
+    run_group.add_argument(
         "--tracks",
         default=",".join(tracks),
         help=f"comma-separated tracks (available here: {','.join(tracks) or 'none'})",
     )
-    run.add_argument(
+    run_group.add_argument(
         "--ratios",
         type=parse_ratios,
         default=[1.0, 0.5, 0.25, 0.1],
         help="kept ratios to sweep (default: 1.0,0.5,0.25,0.1)",
     )
-    run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--out", type=Path, default=Path("results/eval_scannet"))
-    run.add_argument("--no-visuals", action="store_true", help="skip the pictures of what was kept")
-    run.add_argument("-v", "--verbose", action="store_true")
+    run_group.add_argument(
+        "--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)"
+    )
+    run_group.add_argument("--seed", type=int, default=0)
+    run_group.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op CPU threads (default: 1, which holds up on a busy machine; "
+        "0 = one per core)",
+    )
+    run_group.add_argument("--out", type=Path, default=Path("results/eval_scannet"))
+    run_group.add_argument(
+        "--no-visuals", action="store_true", help="skip the pictures of what was kept"
+    )
+    run_group.add_argument("-v", "--verbose", action="store_true")
     for cls in tracks.values():
-        if hasattr(cls, "add_arguments"):
-            cls.add_arguments(p.add_argument_group(f"track {cls.name}"))
+        cls.add_arguments(p.add_argument_group(f"track {cls.name}"))
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    tracks = available_tracks()
-    args = build_parser(tracks).parse_args(argv)
-    setup_logging(args.verbose)
-    torch.manual_seed(args.seed)
-
+def _data(args) -> DataPaths:
     if args.scannet_root is None:
         from threed.scannet import ensure_synthetic
 
         print(f"no --scannet-root: using generated scenes in {args.synthetic_root}")
-        try:
-            syn = ensure_synthetic(
-                root=args.synthetic_root, num_scenes=args.num_synthetic_scenes, seed=args.seed
-            )
-        except ValueError as e:  # e.g. --num-synthetic-scenes out of range
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        data = DataPaths(
+        syn = ensure_synthetic(
+            root=args.synthetic_root, num_scenes=args.num_synthetic_scenes, seed=args.seed
+        )
+        return DataPaths(
             syn.scannet_root,
             syn.posed_images_root,
             syn.scanrefer_path,
@@ -102,28 +101,53 @@ def main(argv: list[str] | None = None) -> int:
             list(syn.scene_ids),
             synthetic=True,
         )
-    else:
-        if not args.scannet_root.is_dir():
-            print(f"error: --scannet-root {args.scannet_root} is not a folder", file=sys.stderr)
-            return 2
-        data = DataPaths(args.scannet_root, args.posed_images_root, args.scanrefer, args.scanqa)
+    if not args.scannet_root.is_dir():
+        raise ValueError(f"--scannet-root {args.scannet_root} is not a folder")
+    return DataPaths(args.scannet_root, args.posed_images_root, args.scanrefer, args.scanqa)
 
-    names = [t.strip() for t in args.tracks.split(",") if t.strip()]
-    config = EvalConfig(
-        out=args.out,
-        tracks=names,
-        scenes=resolve_scenes(args.scenes, data),
-        seed=args.seed,
-        visualize=not args.no_visuals,
-    )
+
+def main(argv: list[str] | None = None) -> int:
+    tracks = TRACKS.available()
+    args = build_parser(tracks).parse_args(argv)
+    setup_logging(args.verbose)
     try:
-        summary = run_eval(args, data, config)
-    except ValueError as e:
+        configure_threads(args.threads)
+        names = [t.strip() for t in args.tracks.split(",") if t.strip()]
+        config = RunConfig(
+            out=args.out,
+            tracks=names,
+            device=args.device,
+            seed=args.seed,
+            visualize=not args.no_visuals,
+            unit_name="scene",
+            ratios=tuple(args.ratios),
+        )
+        options = {n: cls.options_from_args(args) for n, cls in tracks.items() if n in names}
+        check_out_dir(args.out)  # before generating data, not after the first scene
+        check_device(args.device)
+        data = _data(args)
+        summary = run(
+            config,
+            units=resolve_scenes(args.scenes, data),
+            load_unit=scene_loader(data),
+            registry=TRACKS,
+            options=options,
+            data=data,
+        )
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except ValueError as e:  # a bad option value, named by its field
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if summary is not None:
-        print((args.out / "summary.md").read_text())
-        print(f"results: {args.out}/ (rows.jsonl, summary.json, summary.md, plots/, visuals/)")
+    if summary is None:  # a torchrun rank other than 0
+        return 0
+    print(summary.markdown)
+    problem = summary.problem()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    print(f"results: {summary.out}/ ({', '.join(summary.files)})")
     return 0
 
 

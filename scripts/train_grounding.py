@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from threed.evaluation.cli import setup_logging
+from common.cli import setup_logging
 from threed.tsp3d import TextEncoder, TSP3DConfig, TSP3DGrounder
 from threed.tsp3d.train import TrainConfig, load_grounder, samples_from_scanrefer, train
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +54,33 @@ def test_eval_scannet_bad_arguments(tmp_path, capsys):
     argv = ["--synthetic-root", str(tmp_path / "syn"), "--num-synthetic-scenes", "0"]
     assert eval_scannet.main(argv) == 2
     assert "num_scenes" in capsys.readouterr().err
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_eval_scannet_refuses_bad_out_device_and_empty_data(tmp_path, capsys):
+    """Checked before any work: one line on stderr, exit 2 (1 when every scene failed)."""
+    eval_scannet = _load("eval_scannet")
+    empty = tmp_path / "scans"
+    empty.mkdir()
+    base = ["--scannet-root", str(empty), "--tracks", "vggt"]
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("")
+    assert eval_scannet.main([*base, "--out", str(a_file)]) == 2
+    assert "is a file" in _one_line_error(capsys)
+    if not torch.cuda.is_available():
+        assert eval_scannet.main([*base, "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+        assert "no CUDA" in _one_line_error(capsys)
+    assert eval_scannet.main([*base, "--out", str(tmp_path / "o")]) == 2
+    assert "no scenes found" in _one_line_error(capsys)
+    (empty / "scene0000_00").mkdir()  # a scene folder without any file: fails to load
+    (empty / "scene0001_00").mkdir()
+    assert eval_scannet.main([*base, "--out", str(tmp_path / "o"), "--no-visuals"]) == 1
+    assert "all 2 scenes failed" in capsys.readouterr().err
 
 
 def test_bench_driver_quick(tmp_path, monkeypatch):

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.checks import budget, check_count, check_finite, check_range, check_ratio, check_tensor
+from common.checks import (
+    budget,
+    check_count,
+    check_finite,
+    check_range,
+    check_ratio,
+    check_tensor,
+    top_r,
+)
 
 
 def test_check_tensor():
@@ -59,11 +67,27 @@ def test_budget():
     assert budget(10, 0.01) == 1  # a ratio keeps at least one token
     assert budget(0, 0.5) == 0
     assert budget(10, 0) == 0 and budget(10, 10) == 10  # ints are exact counts
+    assert budget(10, 0.0) == 0  # zero means none as a ratio too (one rule)
+    assert budget(10, 0.3, rounding="ceil") == 3  # 0.3 * 10 = 3.0000000000000004
+    assert budget(10, 0.7, rounding="floor") == 7  # 0.7 * 10 = 7.000000000000001
+    assert budget(29, 0.9, rounding="trunc") == 26  # int(26.1), FastVGGT's r
+    assert budget(10, 0.05, rounding="trunc", at_least_one=False) == 0
+    assert budget(10, 0.05, rounding="trunc") == 1
+    assert budget(10, 0.0, at_least_one=True) == 0
     with pytest.raises(ValueError, match="keep"):
         budget(10, 11)
     with pytest.raises(ValueError, match="keep"):
         budget(10, 1.5)
+    with pytest.raises(ValueError, match="keep"):
+        budget(10, -0.1)
     with pytest.raises(TypeError, match="keep"):
         budget(10, True)
     with pytest.raises(ValueError, match="rounding"):
         budget(10, 0.5, rounding="up")
+
+
+def test_top_r_is_stable_on_ties():
+    s = torch.tensor([[0.5, 0.9, 0.5, 0.9, 0.1, 0.5]])
+    assert top_r(s, 3).tolist() == [[1, 3, 0]]  # ties -> lower position first
+    assert top_r(s, 0).shape == (1, 0)
+    assert top_r(torch.zeros(2, 5), 2).tolist() == [[0, 1], [0, 1]]

@@ -309,3 +309,40 @@ def test_match_properties(f, h, w, s, b, seed):
             sims = mn[bb, dst[bb]] @ mn[bb, i]
             assert (mn[bb, holder] @ mn[bb, i]) >= sims.max() - 1e-5
     torch.testing.assert_close(m.merge(x, "sum").sum(1), x.sum(1))
+
+
+def test_match_src_to_dst_top_r_cut_breaks_ties_toward_lower_src():
+    # src 2, 3, 5 are exact copies of dst 0 (similarity 1, a three-way tie); src 4 is
+    # close to dst 1; r = 2 merges the two lowest src positions of the tie
+    metric = torch.tensor(
+        [[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.1, 1.0], [1.0, 0.0]]]
+    )
+    dst, src = torch.tensor([0, 1]), torch.tensor([2, 3, 4, 5])
+    m = match_src_to_dst(metric, dst, src, r=2)
+    target = m.keep_idx[0][m.dst_of[0]]
+    assert target.tolist() == [0, 1, 0, 0, 4, 5]
+    # the same cut as ToMe's matcher: one rule for both
+    assert match_src_to_dst(metric, dst, src, r=4).num_kept == 2
+    assert match_src_to_dst(metric, dst, src, r=0).num_kept == 6
+    prot = torch.tensor([False, False, True, False, False, False])
+    m = match_src_to_dst(metric, dst, src, protected=prot, r=2)
+    assert (m.keep_idx[0][m.dst_of[0]]).tolist() == [0, 1, 2, 0, 4, 0]
+    with pytest.raises(ValueError, match="r must"):
+        match_src_to_dst(metric, dst, src, r=-1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_match_src_to_dst_subset_matching_equals_full(seed):
+    """Matching only the unprotected src (shared src_idx) gives the plan of matching all
+    src and masking the protected ones (per-row protection, 2-D src_idx)."""
+    g = torch.Generator().manual_seed(seed)
+    b, n = 2, 40
+    metric = torch.randn(b, n, 8, generator=g).round()  # coarse values: many ties
+    dst, src = torch.arange(0, n, 3), torch.tensor([i for i in range(n) if i % 3])
+    prot = torch.rand(n, generator=g) < 0.3
+    for r in (None, 5, 20):
+        fast = match_src_to_dst(metric, dst, src, protected=prot, r=r, chunk_size=7)
+        full = match_src_to_dst(
+            metric, dst.expand(b, -1), src.expand(b, -1), protected=prot.expand(b, n), r=r
+        )
+        assert torch.equal(fast.keep_idx, full.keep_idx) and torch.equal(fast.dst_of, full.dst_of)

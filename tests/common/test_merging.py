@@ -176,3 +176,36 @@ def test_sequential_halving_matches_loop(n, seed):
                 ref[b, t] = (ref[b, t] + ref[b, i]) / 2
     want = ref.gather(1, m.keep_idx[..., None].expand(-1, -1, 3))
     torch.testing.assert_close(m.merge(x, "halving"), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["mean", "sum"])
+def test_scatter_merge_along_another_dim_is_bitwise_the_same(dtype, mode):
+    """Token axis at dim 2 (per-head q / k / v) == the [B, N, H*D] layout, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    b, h, n, d, k = 2, 3, 11, 4, 5
+    x = (torch.randn(b, h, n, d, generator=g) * 3).to(dtype)
+    dst_of = torch.randint(0, k, (b, n), generator=g)
+    flat = scatter_merge(x.transpose(1, 2).reshape(b, n, h * d), dst_of, k, mode)
+    ref = flat.reshape(b, k, h, d).transpose(1, 2)
+    out = scatter_merge(x, dst_of, k, mode, dim=2)
+    assert out.dtype == dtype and torch.equal(out, ref)
+    buf = torch.full((b, h, k + 2, d), 7.0, dtype=dtype)  # write into a slice of a buffer
+    res = scatter_merge(x, dst_of, k, mode, dim=2, out=buf[:, :, :k])
+    assert torch.equal(res, ref) and torch.equal(buf[:, :, :k], ref)
+    assert bool((buf[:, :, k:] == 7).all())
+
+
+def test_scatter_merge_dim_bad_input():
+    x = torch.randn(1, 2, 4, 3)
+    dst_of = torch.tensor([[0, 0, 1, 1]])
+    with pytest.raises(ValueError, match="dim"):
+        scatter_merge(x, dst_of, 2, dim=0)
+    with pytest.raises(ValueError, match="dim 3"):
+        scatter_merge(x, dst_of, 2, dim=3)
+    with pytest.raises(ValueError, match="amax"):
+        scatter_merge(x, dst_of, 2, "amax", dim=2)
+    with pytest.raises(ValueError, match="out"):
+        scatter_merge(x, dst_of, 2, dim=2, out=torch.empty(1, 2, 3, 3))
+    with pytest.raises(ValueError, match="out"):
+        scatter_merge(x[:, 0], dst_of, 2, out=torch.empty(1, 2, 3))

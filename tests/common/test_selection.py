@@ -20,6 +20,7 @@ def test_topk_known_answer_and_ties():
     assert topk_keep(s, 0.4).tolist() == [[1, 3]]
     assert topk_keep(s[0], 5).tolist() == [0, 1, 2, 3, 4]  # keep all = identity
     assert topk_keep(s, 0).shape == (1, 0)
+    assert topk_keep(s, 0.0).shape == (1, 0)  # one rule: zero selects nothing either way
     assert topk_keep(torch.zeros(6), 3).tolist() == [0, 1, 2]
     assert topk_keep(s.half(), 2).tolist() == [[1, 3]]
     assert topk_keep(s.bfloat16(), 2).tolist() == [[1, 3]]

@@ -251,18 +251,18 @@ def test_grounding_track_rows_on_handmade_scene(tmp_path, monkeypatch):
 
     monkeypatch.setattr(track_mod, "TextEncoder", lambda *a, **k: _encoder())
     monkeypatch.setattr(track_mod, "TSP3DConfig", lambda **k: TSP3DConfig(**{**TINY, **k}))
-    args = argparse.Namespace(
-        seed=0,
-        ratios=[1.0, 0.5],
-        tgp_thresholds="0.7,0.3",
-        grounding_voxel_size=0.04,
-        grounding_max_queries=2,
-    )
-    tr = track_mod.GroundingTrack(args, data=None)
+    from common.runs import TrackContext
+
+    opts = track_mod.GroundingOptions(voxel_size=0.04, max_queries=2)
+    tr = track_mod.GroundingTrack(opts, TrackContext(seed=0, ratios=(1.0, 0.5)))
     tr._records = {"scene0000_00": [Rec(0, "the chair", True), Rec(1, "the table", False)]}
-    assert tr.settings() == ["full", "tsp3d", "tsp3d-nocba", "tsp3d-oracle", "tsp3d@0.5"]
-    rows = list(tr.run_scene(Scene(), tr.settings()))
-    assert [r["setting"] for r in rows] == tr.settings()
+    labels = [s.label for s in tr.settings()]
+    assert labels == ["full", "tsp3d", "tsp3d-nocba", "tsp3d-oracle", "tsp3d@0.5"]
+    steps = []
+    rows = list(tr.run_unit(Scene(), tr.settings(), steps.append))
+    assert [r["setting"] for r in rows] == labels
+    assert "tsp3d@0.5: expression 2/2" in steps  # progress inside the scene
+    assert rows[0]["method"] == "full"
     full, oracle = rows[0], rows[3]
     assert full["agreement_iou"] == pytest.approx(1.0) and full["kept_ratio"] == 1.0
     assert all(r["accuracy_valid"] is False for r in rows)
@@ -272,7 +272,7 @@ def test_grounding_track_rows_on_handmade_scene(tmp_path, monkeypatch):
     assert all(np.isfinite(r["acc@0.25"]) for r in rows if r is not oracle)
     assert oracle["acc@0.25"] is None and oracle["method"] == "tsp3d-oracle"  # reads the GT
     assert rows[4]["voxels_kept_64"] < full["voxels_kept_64"]
-    rows2 = list(tr.run_scene(Scene(), ["tsp3d"]))
+    rows2 = list(tr.run_unit(Scene(), [tr.settings()[1]]))
     assert rows2[0]["acc@0.25"] == rows[1]["acc@0.25"]
     assert rows2[0]["agreement_iou"] == rows[1]["agreement_iou"]
     pytest.importorskip("matplotlib")

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from threed.vggt.track import VGGTTrack, default_merge_ratios
+from common.runs import TrackContext
+from threed.vggt.track import VGGTOptions, VGGTTrack, default_merge_ratios
 
 
 @pytest.fixture(scope="module")
@@ -18,27 +19,35 @@ def scene(tmp_path_factory):
     return scannet.load_scene(data.scene_ids[0], data.scannet_root, data.posed_images_root)
 
 
-def _args(*argv):
+CONTEXT = TrackContext(device="cpu", seed=0, ratios=(1.0, 0.5, 0.25, 0.1))
+
+
+def _track(*argv) -> VGGTTrack:
     p = argparse.ArgumentParser()
     VGGTTrack.add_arguments(p)
-    args = p.parse_args(list(argv))
-    args.device, args.seed, args.ratios = "cpu", 0, [1.0, 0.5, 0.25, 0.1]
-    return args
+    return VGGTTrack(VGGTTrack.options_from_args(p.parse_args(list(argv))), CONTEXT)
 
 
 def test_default_sweep_and_settings():
     assert default_merge_ratios([1.0, 0.5, 0.25, 0.1]) == [0.5, 0.75, 0.9]
     assert default_merge_ratios(None) == [0.9]
-    track = VGGTTrack(_args("--merge-ratio", "0.9,0.3"), None)
-    assert track.settings() == ["full", "fastvggt@0.9", "fastvggt@0.3"]
+    track = _track("--merge-ratio", "0.9,0.3")
+    settings = track.settings()
+    assert [s.label for s in settings] == ["full", "fastvggt@0.9", "fastvggt@0.3"]
+    assert [s.method for s in settings] == ["full", "fastvggt", "fastvggt"]
+    assert settings[1].params == {"ratio": 0.9} and settings[1].series == "fastvggt"
     assert track.accuracy_valid is False and track.num_frames == 8
     with pytest.raises(SystemExit):
-        _args("--merge-ratio", "1.5")
+        _track("--merge-ratio", "1.5")
+    with pytest.raises(ValueError, match="frames"):
+        VGGTOptions(frames=0)
 
 
 def test_rows_and_visual(scene, tmp_path):
-    track = VGGTTrack(_args("--frames", "3", "--merge-ratio", "0.9"), None)
-    rows = list(track.run_scene(scene, track.settings()))
+    track = _track("--frames", "3", "--merge-ratio", "0.9")
+    steps = []
+    rows = list(track.run_unit(scene, track.settings(), steps.append))
+    assert steps[-1] == "fastvggt@0.9: 3 frames"  # progress inside the scene
     assert [r["setting"] for r in rows] == ["full", "fastvggt@0.9"]
     full, merged = rows
     json.dumps(rows)  # serialisable
@@ -67,7 +76,7 @@ def test_rows_and_visual(scene, tmp_path):
 def test_timings_come_from_a_warm_forward(monkeypatch):
     """The first forward of a setting (cold on CUDA) gives the outputs; the reported
     times are those of the second, warm one, for ``full`` and merged alike."""
-    track = VGGTTrack(_args("--merge-ratio", "0.9"), None)
+    track = _track("--merge-ratio", "0.9")
     calls = []
 
     def fake_timed(images):

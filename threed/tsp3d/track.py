@@ -28,14 +28,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from common.benchmark import peak_memory_mb
+from common.runs import FULL, Progress, Setting, Track, TrackContext, option
 
 from .losses import axis_aligned_iou
 from .model import TSP3DConfig, TSP3DGrounder, make_scene_batch
@@ -43,7 +46,7 @@ from .oracle import oracle_scores
 from .text import TextEncoder
 from .train import load_grounder, subsample_points
 
-__all__ = ["GroundingTrack", "grounding_accuracy", "parse_thresholds"]
+__all__ = ["GroundingOptions", "GroundingTrack", "grounding_accuracy", "parse_thresholds"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,63 +91,130 @@ def _object_centres(scene) -> torch.Tensor:
     return torch.as_tensor(np.stack(boxes)) if boxes else torch.zeros(0, 3)
 
 
-class GroundingTrack:
+def _thresholds_flag(text: str) -> tuple[float, float]:
+    try:
+        return parse_thresholds(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class GroundingOptions:
+    """Options of the ``grounding`` track (flags in brackets).
+
+    Attributes:
+        weights: TSP3D checkpoint from ``scripts/train_grounding.py``
+            [--grounding-weights]; None = random weights (accuracy not meaningful).
+        text_encoder: local path of a RoBERTa-like model [--text-encoder].
+        tgp_thresholds: TGP keep-prob thresholds at 64 cm and 32 cm, each in
+            [0, 1) [--tgp-thresholds] (official 0.7, 0.3).
+        voxel_size: base voxel in metres [--grounding-voxel-size]; None = the
+            checkpoint's, 0.02 without weights (official 0.01).
+        max_queries: referring expressions per scene [--grounding-max-queries].
+        points: points sampled per scene [--grounding-points] (official 50000).
+    """
+
+    weights: Path | None = field(
+        default=None,
+        metadata=option(
+            "--grounding-weights",
+            type=Path,
+            help="TSP3D checkpoint from scripts/train_grounding.py (default: "
+            "random weights, accuracy not meaningful)",
+        ),
+    )
+    text_encoder: str | None = field(
+        default=None,
+        metadata=option(
+            "--text-encoder",
+            help="local path of a Hugging Face RoBERTa-like model (default: the "
+            "checkpoint's, else a tiny random offline encoder)",
+        ),
+    )
+    tgp_thresholds: tuple[float, float] = field(
+        default=(0.7, 0.3),
+        metadata=option(
+            "--tgp-thresholds",
+            type=_thresholds_flag,
+            help="TGP keep-prob thresholds at 64 cm and 32 cm (default 0.7,0.3)",
+        ),
+    )
+    voxel_size: float | None = field(
+        default=None,
+        metadata=option(
+            "--grounding-voxel-size",
+            type=float,
+            help="base voxel in metres (default: checkpoint's; 0.02 without "
+            "weights for CPU speed; official 0.01)",
+        ),
+    )
+    max_queries: int = field(
+        default=8,
+        metadata=option(
+            "--grounding-max-queries", type=int, help="referring expressions per scene (default 8)"
+        ),
+    )
+    points: int = field(
+        default=50_000,
+        metadata=option(
+            "--grounding-points", type=int, help="points sampled per scene (official 50000)"
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        th = tuple(float(t) for t in self.tgp_thresholds)
+        if len(th) != 2 or not all(0.0 <= t < 1.0 for t in th):
+            raise ValueError(f"tgp_thresholds: two numbers in [0, 1), got {self.tgp_thresholds}")
+        object.__setattr__(self, "tgp_thresholds", th)
+        if self.voxel_size is not None and not (
+            math.isfinite(self.voxel_size) and self.voxel_size > 0
+        ):
+            raise ValueError(f"voxel_size must be a positive number, got {self.voxel_size!r}")
+        for name in ("max_queries", "points"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+
+
+class GroundingTrack(Track):
     """TSP3D grounding with and without pruning (see the module docstring)."""
 
     name = "grounding"
+    Options = GroundingOptions
+    labels = {
+        "kept_ratio": "decoder voxels at 16 cm (fraction of unpruned)",
+        "voxels_kept_64": "voxels kept at 64 cm",
+        "voxels_kept_32": "voxels kept at 32 cm",
+        "voxels_decoder_16": "decoder voxels at 16 cm",
+        "voxels_added_16": "voxels added back by CBA",
+        "fps": "expressions per second",
+        "time_s": "time per expression (s)",
+        "agreement_iou": "IoU with the unpruned box",
+        "acc@0.25": "Acc@0.25 (fraction)",
+        "acc@0.5": "Acc@0.5 (fraction)",
+        "acc@0.25_unique": "Acc@0.25, unique (fraction)",
+        "acc@0.25_multiple": "Acc@0.25, multiple (fraction)",
+        "peak_mem_mb": "peak memory above start (MB)",
+    }
+    empty_reasons = {
+        "acc@0.25": "tsp3d-oracle reads the answer, so it has no accuracy",
+        "acc@0.5": "tsp3d-oracle reads the answer, so it has no accuracy",
+        "acc@0.25_unique": "no 'unique' expression, or tsp3d-oracle (reads the answer)",
+        "acc@0.25_multiple": "no 'multiple' expression in these scenes, or tsp3d-oracle",
+        "voxels_added_16": "CBA off (full, tsp3d-nocba)",
+    }
 
-    @staticmethod
-    def add_arguments(parser) -> None:
-        parser.add_argument(
-            "--grounding-weights",
-            type=Path,
-            default=None,
-            help="TSP3D checkpoint from scripts/train_grounding.py (default: "
-            "random weights, accuracy not meaningful)",
-        )
-        parser.add_argument(
-            "--text-encoder",
-            default=None,
-            help="local path of a Hugging Face RoBERTa-like model (default: the "
-            "checkpoint's, else a tiny random offline encoder)",
-        )
-        parser.add_argument(
-            "--tgp-thresholds",
-            default="0.7,0.3",
-            help="TGP keep-prob thresholds at 64 cm and 32 cm (default 0.7,0.3)",
-        )
-        parser.add_argument(
-            "--grounding-voxel-size",
-            type=float,
-            default=None,
-            help="base voxel in metres (default: checkpoint's; 0.02 without "
-            "weights for CPU speed; official 0.01)",
-        )
-        parser.add_argument(
-            "--grounding-max-queries",
-            type=int,
-            default=8,
-            help="referring expressions per scene (default 8)",
-        )
-        parser.add_argument(
-            "--grounding-points",
-            type=int,
-            default=50_000,
-            help="points sampled per scene (official 50000)",
-        )
-
-    def __init__(self, args: argparse.Namespace, data) -> None:
-        self.device = torch.device(getattr(args, "device", "cpu") or "cpu")
-        self.seed = int(getattr(args, "seed", 0) or 0)
-        self.thresholds = parse_thresholds(getattr(args, "tgp_thresholds", None))
-        self.max_queries = int(getattr(args, "grounding_max_queries", 8) or 8)
-        self.max_points = int(getattr(args, "grounding_points", 50_000) or 50_000)
-        self.ratios = [float(r) for r in (getattr(args, "ratios", None) or []) if float(r) < 1]
-        weights = getattr(args, "grounding_weights", None)
-        enc_path = getattr(args, "text_encoder", None)
-        vsize = getattr(args, "grounding_voxel_size", None)
-        if weights is not None:
-            self.model, _ = load_grounder(weights, enc_path)
+    def __init__(self, options: GroundingOptions, context: TrackContext) -> None:
+        super().__init__(options, context)
+        self.device = torch.device(context.device)
+        self.seed = int(context.seed)
+        self.thresholds = options.tgp_thresholds
+        self.max_queries = options.max_queries
+        self.max_points = options.points
+        self.ratios = [float(r) for r in context.ratios if float(r) < 1]
+        vsize = options.voxel_size
+        if options.weights is not None:
+            self.model, _ = load_grounder(options.weights, options.text_encoder)
             if vsize is not None:
                 self.model.config.voxel_size = float(vsize)
             self.accuracy_valid = True
@@ -152,11 +222,12 @@ class GroundingTrack:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 self.model = TSP3DGrounder(
-                    TSP3DConfig(voxel_size=vsize or 0.02), TextEncoder(enc_path, seed=self.seed)
+                    TSP3DConfig(voxel_size=vsize or 0.02),
+                    TextEncoder(options.text_encoder, seed=self.seed),
                 )
             self.accuracy_valid = False
         self.model.to(self.device).eval()
-        self.data = data
+        self.data = context.data
         self._records: dict[str, list] = {}  # scene id -> its ScanRefer records
 
     # ------------------------------------------------------------------ data
@@ -192,24 +263,45 @@ class GroundingTrack:
         "acc@0.25_multiple",
     ]
 
-    def settings(self) -> list[str]:
-        oracle = [] if self.accuracy_valid else ["tsp3d-oracle"]
-        return ["full", "tsp3d", "tsp3d-nocba", *oracle] + [f"tsp3d@{r:g}" for r in self.ratios]
+    def settings(self) -> list[Setting]:
+        th = {"thresholds": self.thresholds}
+        out = [
+            FULL,
+            Setting("tsp3d", "tsp3d", th),
+            Setting("tsp3d-nocba", "tsp3d", {**th, "cba": False}),
+        ]
+        if not self.accuracy_valid:
+            out.append(Setting("tsp3d-oracle", "tsp3d-oracle", th))
+        out += [
+            Setting(f"tsp3d@{r:g}", "tsp3d", {"keep_ratios": (r, r)}, series="tsp3d top-k")
+            for r in self.ratios
+        ]
+        return out
 
-    def _kwargs(self, setting: str) -> dict:
-        if setting == "full":
+    def notes(self) -> list[str]:
+        lines = [
+            "kept_ratio: decoder voxels at 16 cm over the unpruned run's. It can exceed 1: "
+            "generative upsampling creates children in empty space too, and with weak keep "
+            "scores (random weights) TGP falls back to its top voxels, whose children can "
+            "outnumber the unpruned decoder's voxels."
+        ]
+        if not self.accuracy_valid:
+            lines.append(
+                "tsp3d-oracle: TGP + CBA on trained-like scores built from the ground-truth "
+                "boxes (shows what pruning saves with good scores; no accuracy)."
+            )
+        return lines
+
+    @staticmethod
+    def _kwargs(setting: Setting) -> dict:
+        if setting.method == "full":
             return {"prune": False}
-        if setting in ("tsp3d", "tsp3d-oracle"):
-            return {"prune": True, "thresholds": self.thresholds}
-        if setting == "tsp3d-nocba":
-            return {"prune": True, "thresholds": self.thresholds, "cba": False}
-        if setting.startswith("tsp3d@"):
-            r = float(setting.split("@", 1)[1])
-            return {"prune": True, "keep_ratios": (r, r)}
-        raise ValueError(f"unknown grounding setting {setting!r}")
+        if setting.method in ("tsp3d", "tsp3d-oracle"):
+            return {"prune": True, **setting.params}
+        raise ValueError(f"grounding track: unknown method {setting.method!r}")
 
     @torch.no_grad()
-    def _run(self, batch, text: str, setting: str, oracle: tuple | None = None):
+    def _run(self, batch, text: str, setting: Setting, oracle: tuple | None = None):
         """One forward; ``oracle = (object_centres [M, 3], target_centre [3])`` for the
         oracle setting."""
         g = torch.Generator().manual_seed(self.seed)
@@ -222,7 +314,11 @@ class GroundingTrack:
         return out, time.perf_counter() - t0
 
     # ------------------------------------------------------------------ rows
-    def run_scene(self, scene, settings: list[str]) -> Iterator[dict]:
+    def run_unit(
+        self, scene, settings: list[Setting], progress: Progress = lambda _: None
+    ) -> Iterator[dict]:
+        """One row per setting on ``scene``, averaged over its referring expressions;
+        the unpruned run always comes first (every row is compared with it)."""
         recs = [
             r
             for r in self._scene_records(scene)
@@ -248,24 +344,26 @@ class GroundingTrack:
         unique = [bool(r.unique) for r in recs]
         centres = _object_centres(scene)
 
-        def run_all(setting: str) -> tuple[list, float | None]:
+        def run_all(setting: Setting) -> tuple[list, float | None]:
             """Every expression under ``setting``, and the peak memory above its start."""
             out: list = []
 
             def go() -> None:
                 for i, r in enumerate(recs):
-                    truth = (centres, gt[i, :3]) if setting == "tsp3d-oracle" else None
+                    progress(f"{setting.label}: expression {i + 1}/{len(recs)}")
+                    truth = (centres, gt[i, :3]) if setting.method == "tsp3d-oracle" else None
                     out.append(self._run(batch, r.description, setting, truth))
 
             return out, peak_memory_mb(go, self.device)
 
-        self._run(batch, recs[0].description, "full")  # warm-up (not timed)
-        full, full_mem = run_all("full")
+        progress("full: warm-up")
+        self._run(batch, recs[0].description, FULL)  # warm-up (not timed)
+        full, full_mem = run_all(FULL)
         full_boxes = torch.stack([o.boxes[0].cpu() for o, _ in full])
-        for setting in ["full", *[s for s in settings if s != "full"]]:
+        for setting in [FULL, *[s for s in settings if s.method != "full"]]:
             if setting not in settings:
                 continue
-            runs, mem = (full, full_mem) if setting == "full" else run_all(setting)
+            runs, mem = (full, full_mem) if setting.method == "full" else run_all(setting)
             boxes = torch.stack([o.boxes[0].cpu() for o, _ in runs])
             acc = grounding_accuracy(boxes, gt, unique)
             times = [t for _, t in runs]
@@ -273,8 +371,8 @@ class GroundingTrack:
             full_16 = float(np.mean([o.counts["decoder_16"] for o, _ in full]))
             agree = axis_aligned_iou(boxes, full_boxes)
             row = {
-                "setting": setting,
-                "method": "none" if setting == "full" else "tsp3d",
+                "setting": setting.label,
+                "method": setting.method,
                 "kept_ratio": counts["decoder_16"] / max(full_16, 1.0),
                 "accuracy_valid": self.accuracy_valid,
                 "num_queries": len(recs),
@@ -293,8 +391,7 @@ class GroundingTrack:
                 "voxel_size_m": self.model.config.voxel_size,
                 **{f"voxels_{k}": v for k, v in counts.items()},
             }
-            if setting == "tsp3d-oracle":  # its scores read the answer: no accuracy
-                row["method"] = "tsp3d-oracle"
+            if setting.method == "tsp3d-oracle":  # its scores read the answer: no accuracy
                 for k in [k for k in row if k.startswith("acc@") or k == "iou_mean"]:
                     row[k] = None
             if mem is not None:  # peak above the start of this setting's runs
@@ -318,15 +415,18 @@ class GroundingTrack:
         pts = torch.as_tensor(scene.points[idx], dtype=torch.float32)
         cols = torch.as_tensor(scene.colors[idx], dtype=torch.float32)
         batch = make_scene_batch([pts], [cols], self.model.config.voxel_size)
-        panels = [("tsp3d", None)]
+        panels = [(self.settings()[1], None)]
         if not self.accuracy_valid:
             centres = _object_centres(scene)
             target = torch.as_tensor(np.asarray(scene.instance(r.object_id).box[:3]))
-            panels.append(("tsp3d-oracle", (centres, target.float())))
+            oracle_setting = Setting(
+                "tsp3d-oracle", "tsp3d-oracle", {"thresholds": self.thresholds}
+            )
+            panels.append((oracle_setting, (centres, target.float())))
         fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 6), squeeze=False)
         for ax, (setting, oracle) in zip(axes[0], panels):
             out, _ = self._run(batch, r.description, setting, oracle)
-            self._draw(ax, scene, r, pts, out, setting)
+            self._draw(ax, scene, r, pts, out, setting.label)
         fig.suptitle(f"{scene.scene_id}: {r.description[:80]}", fontsize=9)
         fig.tight_layout()
         out_dir = Path(out_dir)

@@ -47,15 +47,16 @@ from __future__ import annotations
 
 import logging
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.checks import check_count, check_range
-from common.matching import Merge, grid_random_partition, merge_from_targets
-from common.similarity import best_match
+from common.checks import budget, check_count, check_range, top_r
+from common.matching import Merge, grid_random_partition, match_src_to_dst
+from common.merging import scatter_merge
+from common.methods import MethodHandle, register_method
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,25 @@ __all__ = [
 
 _PROTECT = ("stride", "norm", None)
 _SIM_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_ATTR = "_holoprune_token_merging"
 
 
+@register_method(
+    "fastvggt",
+    kind="vggt",
+    keep_all={"ratio": 0.0},
+    example={"ratio": 0.9},
+    invalid=(
+        ("ratio", 1.5),
+        ("start_block", -1),
+        ("protect", "top"),
+        ("protect_share", 1.0),
+        ("seed", -1),
+        ("chunk", 0),
+        ("faithful_grid", 1),
+        ("sim_dtype", "int8"),
+    ),
+    summary="FastVGGT token merging in VGGT's global attention (ratio 0 = unchanged)",
+)
 @dataclass
 class TokenMerging:
     """FastVGGT token merging; see the module docstring.
@@ -126,13 +143,9 @@ class TokenMerging:
     def apply(self, model: nn.Module) -> MergeHandle:
         """Patch ``model`` (a VGGT or its aggregator); returns the handle.
 
-        Applying again (this or another TokenMerging) first removes the
-        previous patch, so patches never stack.
+        Applying again (this or another TokenMerging, to the model or to its
+        aggregator) first removes the previous patch, so patches never stack.
         """
-        old = model.__dict__.get(_ATTR)
-        if old is not None and old.active:
-            log.info("TokenMerging already applied to this model: replacing it")
-            old.remove()
         return MergeHandle(model, self)
 
     __call__ = apply
@@ -206,18 +219,18 @@ def build_plan(
         keys: ``[B, H, N, D]`` keys after qk-norm and RoPE (for ``protect="norm"``).
         grid_hw: patch grid ``(h, w)``; num_special: tokens before the patches.
 
-    Only the src tokens that can merge are matched (a protected src never
-    merges, so its best dst is never read); when every unprotected src merges
-    (``ratio`` 0.9 with the default protection) no top-r selection is needed.
-    Both shortcuts give exactly the plan of matching every src and taking the
-    top r.
+    The matching is :func:`common.matching.match_src_to_dst` with the top-r
+    cut (``r``; ties go to the lower src position, as ToMe's matcher): it
+    matches only the src that can merge and skips the cut when every
+    unprotected src merges (``ratio`` 0.9 with the default protection).
     """
     b, n, _ = metric.shape
     h, w = grid_hw
     tpf = num_special + h * w
     if n % tpf:
         raise ValueError(f"sequence length {n} is not a multiple of {num_special} + {h}*{w}")
-    r = int(n * cfg.ratio)
+    # official: r = int(N * ratio), protected count int(N * share), no tolerance
+    r = budget(n, cfg.ratio, name="ratio", rounding="trunc", at_least_one=False)
     if r <= 0:
         return None
     device = metric.device
@@ -229,7 +242,9 @@ def build_plan(
             return None
         protected = torch.zeros(b, n, dtype=torch.bool, device=device)
         extra_idx = torch.zeros(0, dtype=torch.long, device=device)
-        num_prot = int(n * cfg.protect_share)
+        num_prot = budget(
+            n, cfg.protect_share, name="protect_share", rounding="trunc", at_least_one=False
+        )
         if cfg.protect == "stride" and num_prot > 0:
             step = max(1, n // num_prot)
             pidx = torch.arange(0, n, step, device=device)[:num_prot]
@@ -238,37 +253,18 @@ def build_plan(
                 extra_idx = pidx[is_dst[pidx]]
         elif cfg.protect == "norm" and num_prot > 0:
             score = keys.float().norm(dim=-1).mean(1)[:, src_idx]  # [B, Ns]
-            top = score.topk(min(num_prot, src_idx.numel()), dim=1).indices
+            top = top_r(score, min(num_prot, src_idx.numel()))
             protected.scatter_(1, src_idx[top], True)
-        valid = ~protected[:, src_idx]  # [B, Ns] src that may merge
-        num_valid = valid.sum(1)
-        r = min(r, int(num_valid.min()))
-        target = torch.arange(n, device=device).expand(b, n).clone()
-        if r > 0:
-            cd = _SIM_DTYPES[cfg.sim_dtype]
-            uniform = b == 1 or bool((valid == valid[:1]).all())
-            # match only the rows that can merge when every batch row agrees on them
-            rows = valid[0].nonzero()[:, 0] if uniform else None
-            src = src_idx if rows is None else src_idx[rows]
-            sims, best = best_match(
-                metric[:, src], metric[:, dst_idx], chunk_size=cfg.chunk, compute_dtype=cd
-            )
-            if uniform and r == rows.numel():  # every unprotected src merges: no top-r
-                chosen = rows.expand(b, -1)
-                chosen_best = best
-            elif rows is None:
-                score = sims.float().masked_fill(~valid, float("-inf"))
-                chosen = score.topk(r, dim=1).indices  # [B, r] positions in src_idx
-                chosen_best = best.gather(1, chosen)
-            else:
-                score = torch.full((b, src_idx.numel()), float("-inf"), device=device)
-                score[:, rows] = sims.float()
-                full_best = best.new_zeros(b, src_idx.numel())
-                full_best[:, rows] = best
-                chosen = score.topk(r, dim=1).indices  # [B, r] positions in src_idx
-                chosen_best = full_best.gather(1, chosen)
-            target.scatter_(1, src_idx[chosen], dst_idx[chosen_best])
-        return MergePlan(merge_from_targets(target), extra_idx, r)
+        merge = match_src_to_dst(
+            metric,
+            dst_idx,
+            src_idx,
+            protected=protected,
+            chunk_size=cfg.chunk,
+            compute_dtype=_SIM_DTYPES[cfg.sim_dtype],
+            r=r,
+        )
+    return MergePlan(merge, extra_idx, n - merge.num_kept)
 
 
 class _Context:
@@ -302,8 +298,8 @@ def _merged_forward(attn: nn.Module, x: Tensor, pos: Tensor | None = None, **_ig
         return attn.proj(out.transpose(1, 2).reshape(b, n, c))
     kk, ne = plan.merge.num_kept, int(plan.extra_idx.numel())
     dst_of, extra = plan.merge.dst_of, plan.extra_idx
-    counts, unmerge_idx = _plan_indices(plan)
-    q, k, v = (_merge_heads(t, dst_of, counts, extra, kk) for t in (q, k, v))
+    unmerge_idx = _unmerge_index(plan)
+    q, k, v = (_merge_heads(t, dst_of, extra, kk) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v)
     out = attn.proj(out.transpose(1, 2).reshape(b * (kk + ne), c))
     # every token copies its slot's output (a duplicated protected dst its raw copy's)
@@ -316,52 +312,42 @@ def _merged_forward(attn: nn.Module, x: Tensor, pos: Tensor | None = None, **_ig
     return full
 
 
-def _plan_indices(plan: MergePlan) -> tuple[Tensor, Tensor]:
-    """``(counts [B, K, 1] members per slot (at least 1), unmerge_idx [B*N])``: the row of
-    the flattened ``[B*(K+E), C]`` attention output each token copies."""
+def _unmerge_index(plan: MergePlan) -> Tensor:
+    """``[B*N]``: the row of the flattened ``[B*(K+E), C]`` attention output each token
+    copies (a duplicated protected dst its raw copy's)."""
     m, extra = plan.merge, plan.extra_idx
     b, n = m.dst_of.shape
     kk, ne = m.num_kept, int(extra.numel())
     dev = m.dst_of.device
-    counts = torch.zeros(b, kk, dtype=torch.long, device=dev)
-    counts.scatter_add_(1, m.dst_of, torch.ones_like(m.dst_of))
     slot = m.dst_of.clone()
-    if ne:  # a duplicated protected dst reads its raw copy's output
+    if ne:
         slot[:, extra] = kk + torch.arange(ne, device=dev)
-    unmerge_idx = (slot + torch.arange(b, device=dev)[:, None] * (kk + ne)).reshape(-1)
-    return counts.clamp_min(1)[..., None], unmerge_idx
+    return (slot + torch.arange(b, device=dev)[:, None] * (kk + ne)).reshape(-1)
 
 
-def _merge_heads(t: Tensor, dst_of: Tensor, counts: Tensor, extra: Tensor, kk: int) -> Tensor:
+def _merge_heads(t: Tensor, dst_of: Tensor, extra: Tensor, kk: int) -> Tensor:
     """Mean-merge ``t [B, H, N, D]`` into ``[B, H, K + E, D]`` (contiguous).
 
-    Slot ``j < K``: the mean of its members, summed in index order from zero in
-    float32 for half inputs, exactly as ``Merge.merge(mode="mean")`` on the
-    ``[B, N, H*D]`` layout (see ``common.merging.scatter_merge``); slots ``K + e``:
-    raw copies of ``t[:, :, extra[e]]`` (the official duplicated protected dst).
-    Summing along the token dim of the head-major tensor needs no transposed copy
-    of q, k and v, and SDPA gets contiguous inputs.
+    Slots ``j < K``: :func:`common.merging.scatter_merge` (mean of the members,
+    along the token axis of the head-major tensor, written in place: no
+    transposed copy of q, k and v, and SDPA gets contiguous inputs); slots
+    ``K + e``: raw copies of ``t[:, :, extra[e]]`` (the official duplicated
+    protected dst).
     """
     b, h, _, d = t.shape
     ne = int(extra.numel())
-    acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
     out = t.new_empty(b, h, kk + ne, d)
-    sums = out[:, :, :kk] if acc == t.dtype else t.new_empty(b, h, kk, d, dtype=acc)
-    sums.zero_()
-    src = t.to(acc)
-    for i in range(b):
-        sums[i].index_add_(1, dst_of[i], src[i])
-    sums.div_(counts[:, None].to(acc))
-    if acc != t.dtype:
-        out[:, :, :kk] = sums
+    scatter_merge(t, dst_of, kk, "mean", dim=2, out=out[:, :, :kk])
     if ne:
         out[:, :, kk:] = t.index_select(2, extra)
     return out
 
 
-@dataclass(eq=False)
-class MergeHandle:
+class MergeHandle(MethodHandle):
     """What :meth:`TokenMerging.apply` returns: remove it (or use ``with``) to restore.
+
+    A :class:`common.methods.MethodHandle` claiming the aggregator: applying
+    merging again to the same VGGT (or to its aggregator) removes this one.
 
     ``stats``: one dict per global block of the last forward (``tokens`` N,
     ``attended`` tokens entering attention, ``merged`` r); ``kept_ratio``
@@ -369,50 +355,47 @@ class MergeHandle:
     merging block's :class:`MergePlan` of the last forward (for plots).
     """
 
-    model: nn.Module = field(repr=False)
-    method: TokenMerging = field(default_factory=TokenMerging)
-    _patched: list = field(default_factory=list, repr=False)
-    _hook: object = field(default=None, repr=False)
-    _ctx: _Context = field(default_factory=_Context, repr=False)
-    active: bool = False
-
-    def __post_init__(self) -> None:
-        agg = getattr(self.model, "aggregator", self.model)
+    def __init__(self, model: nn.Module, method: TokenMerging) -> None:
+        self.model = model
+        self.method = method
+        self._patched: list[tuple[nn.Module, object]] = []
+        self._hook = None
+        self._ctx = _Context()
+        agg = getattr(model, "aggregator", model)
         blocks = getattr(agg, "global_blocks", None)
         if blocks is None:
             raise TypeError(
                 "model must be a VGGT (with .aggregator.global_blocks) or its aggregator"
             )
-        special = int(getattr(agg, "patch_start_idx", 5))
-        psize = getattr(agg, "patch_size", 14)
-        psize = psize[0] if isinstance(psize, (tuple, list)) else int(psize)
-        ctx = self._ctx
-
-        def pre_hook(module, args, kwargs):
-            images = args[0] if args else kwargs["images"]
-            ctx.grid_hw = (images.shape[-2] // psize, images.shape[-1] // psize)
-            ctx.stats = []
-            ctx.last_plan, ctx.last_plan_block = None, None
-
-        for i, blk in enumerate(blocks):
-            if i < self.method.start_block:
-                continue
-            attn = blk.attn
+        attns = [blk.attn for i, blk in enumerate(blocks) if i >= method.start_block]
+        for i, attn in enumerate(attns, start=method.start_block):
             for name in ("qkv", "proj", "num_heads", "q_norm", "k_norm"):
                 if not hasattr(attn, name):
                     raise TypeError(f"global block {i} attention has no {name!r}")
+        special = int(getattr(agg, "patch_start_idx", 5))
+        psize = getattr(agg, "patch_size", 14)
+        self._patch_size = psize[0] if isinstance(psize, (tuple, list)) else int(psize)
+        # claim first: the previous handle restores the very attributes patched below
+        self._claim(agg)
+        for i, attn in enumerate(attns, start=method.start_block):
             prev = attn.__dict__.get("forward")
             attn._hp_cfg, attn._hp_ctx, attn._hp_block, attn._hp_special = (
-                self.method,
-                ctx,
+                method,
+                self._ctx,
                 i,
                 special,
             )
             attn.forward = types.MethodType(_merged_forward, attn)
             self._patched.append((attn, prev))
-        self._hook = agg.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        self.active = True
-        self.model.__dict__[_ATTR] = self
+        # a bound method: the hook keeps this handle alive as long as the patch exists
+        self._hook = agg.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        images = args[0] if args else kwargs["images"]
+        ctx = self._ctx
+        ctx.grid_hw = (images.shape[-2] // self._patch_size, images.shape[-1] // self._patch_size)
+        ctx.stats = []
+        ctx.last_plan, ctx.last_plan_block = None, None
 
     @property
     def stats(self) -> list[dict]:
@@ -430,10 +413,8 @@ class MergeHandle:
     def last_plan(self) -> MergePlan | None:
         return self._ctx.last_plan
 
-    def remove(self) -> None:
-        """Restore every patched attention and drop the hook (idempotent)."""
-        if not self.active:
-            return
+    def _undo(self) -> None:
+        """Restore every patched attention and drop the hook."""
         for attn, prev in self._patched:
             del attn.forward
             if prev is not None:
@@ -444,15 +425,6 @@ class MergeHandle:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self.model.__dict__.get(_ATTR) is self:
-            del self.model.__dict__[_ATTR]
-        self.active = False
-
-    def __enter__(self) -> MergeHandle:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 def attention_share(handle: MergeHandle) -> float:

@@ -17,12 +17,14 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from common.benchmark import peak_memory_mb
+from common.runs import FULL, Progress, Setting, Track, TrackContext, option
 
 from .geometry import closed_form_inverse_se3, pose_encoding_to_extri_intri
 from .merging import TokenMerging, attention_share
@@ -32,7 +34,7 @@ from .preprocess import preprocess_images
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VGGTTrack", "small_track_config", "default_merge_ratios"]
+__all__ = ["VGGTOptions", "VGGTTrack", "default_merge_ratios", "small_track_config"]
 
 
 def small_track_config() -> VGGTConfig:
@@ -61,9 +63,9 @@ def default_merge_ratios(kept_ratios: list[float] | None) -> list[float]:
     return sorted(out)
 
 
-def _parse_merge_ratios(text: str) -> list[float]:
+def _parse_merge_ratios(text: str) -> tuple[float, ...]:
     try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
+        vals = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"--merge-ratio: expected numbers, got {text!r}") from e
     if not vals or any(not 0.0 <= v <= 1.0 for v in vals):
@@ -75,10 +77,64 @@ def _finite(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-class VGGTTrack:
+@dataclass(frozen=True)
+class VGGTOptions:
+    """Options of the ``vggt`` track (flags in brackets).
+
+    Attributes:
+        weights: facebook/VGGT-1B ``model.pt`` [--vggt-weights]; None = random model.
+        frames: frames per scene [--frames]; None = 8 small, 32 large.
+        merge_ratios: FastVGGT merge ratios [--merge-ratio]; None = 0.9 and
+            ``1 - r`` for each kept ratio ``r`` of the run.
+        size: model size without weights [--vggt-size]: small or large (VGGT-1B).
+    """
+
+    weights: Path | None = field(
+        default=None,
+        metadata=option(
+            "--vggt-weights",
+            type=Path,
+            help="facebook/VGGT-1B model.pt (default: small random model)",
+        ),
+    )
+    frames: int | None = field(
+        default=None,
+        metadata=option("--frames", type=int, help="frames per scene (default: 8 small, 32 large)"),
+    )
+    merge_ratios: tuple[float, ...] | None = field(
+        default=None,
+        metadata=option(
+            "--merge-ratio",
+            type=_parse_merge_ratios,
+            help="comma-separated merge ratios (default: 0.9 and 1 - each --ratios)",
+        ),
+    )
+    size: str | None = field(
+        default=None,
+        metadata=option(
+            "--vggt-size",
+            choices=["small", "large"],
+            help="model size without weights (default: small; large = VGGT-1B)",
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if self.frames is not None and (not isinstance(self.frames, int) or self.frames < 1):
+            raise ValueError(f"frames must be an int >= 1, got {self.frames!r}")
+        if self.merge_ratios is not None:
+            ratios = tuple(float(r) for r in self.merge_ratios)
+            if not ratios or any(not 0.0 <= r <= 1.0 for r in ratios):
+                raise ValueError(f"merge_ratios: each must be in [0, 1], got {self.merge_ratios}")
+            object.__setattr__(self, "merge_ratios", ratios)
+        if self.size not in (None, "small", "large"):
+            raise ValueError(f"size must be 'small' or 'large', got {self.size!r}")
+
+
+class VGGTTrack(Track):
     """VGGT / FastVGGT track (see module doc). Settings: ``full`` and ``fastvggt@<merge ratio>``."""
 
     name = "vggt"
+    Options = VGGTOptions
     # Columns of the summary table (every field stays in rows.jsonl / summary.json).
     table_columns = [
         "setting",
@@ -95,58 +151,60 @@ class VGGTTrack:
         "are",
         "auc30",
     ]
+    labels = {
+        "kept_ratio": "tokens kept in global attention (fraction of all)",
+        "tokens_kept": "tokens kept in global attention",
+        "attention_share": "global attention cost (fraction of unmerged)",
+        "aggregator_time_s": "aggregator time per scene (s)",
+        "time_s": "forward time per scene (s)",
+        "peak_mem_mb": "peak memory above start (MB)",
+        "depth_absrel_vs_full": "depth difference to unmerged (mean abs. rel.)",
+        "pose_rot_diff_deg_vs_full": "camera rotation difference to unmerged (degrees)",
+        "pose_trans_diff_vs_full": "camera translation difference to unmerged",
+        "chamfer": "Chamfer distance to the scene mesh (m)",
+        "ate": "absolute trajectory error (m)",
+        "are": "absolute rotation error (degrees)",
+        "auc30": "pose AUC@30 (0-1)",
+    }
+    empty_reasons = {
+        "chamfer": "no predicted depth passes the confidence filter, as with random weights, "
+        "or open3d is missing",
+        "peak_mem_mb": "peak memory is measured on CUDA only",
+    }
 
-    @staticmethod
-    def add_arguments(parser) -> None:
-        parser.add_argument(
-            "--vggt-weights",
-            type=Path,
-            default=None,
-            help="facebook/VGGT-1B model.pt (default: small random model)",
-        )
-        parser.add_argument(
-            "--frames",
-            dest="vggt_frames",
-            type=int,
-            default=None,
-            help="frames per scene (default: 8 small, 32 large)",
-        )
-        parser.add_argument(
-            "--merge-ratio",
-            dest="vggt_merge_ratios",
-            type=_parse_merge_ratios,
-            default=None,
-            help="comma-separated merge ratios (default: 0.9 and 1 - each --ratios)",
-        )
-        parser.add_argument(
-            "--vggt-size",
-            choices=["small", "large"],
-            default=None,
-            help="model size without weights (default: small; large = VGGT-1B)",
-        )
-
-    def __init__(self, args: argparse.Namespace, data=None) -> None:
-        self.args = args
-        self.device = torch.device(getattr(args, "device", "cpu") or "cpu")
-        weights = getattr(args, "vggt_weights", None)
-        size = getattr(args, "vggt_size", None) or ("large" if weights else "small")
+    def __init__(self, options: VGGTOptions, context: TrackContext) -> None:
+        super().__init__(options, context)
+        self.device = torch.device(context.device)
+        weights = options.weights
+        size = options.size or ("large" if weights else "small")
         self.size = size
         if weights:
             self.model = VGGT.from_checkpoint(weights)
         else:
-            torch.manual_seed(int(getattr(args, "seed", 0) or 0))
-            cfg = small_track_config() if size == "small" else VGGTConfig()
-            self.model = VGGT(cfg)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(context.seed)
+                cfg = small_track_config() if size == "small" else VGGTConfig()
+                self.model = VGGT(cfg)
         self.model = self.model.to(self.device).eval()
         self.accuracy_valid = bool(weights)
         self.image_width = 518 if (weights or size == "large") else self.model.config.img_size
-        frames = getattr(args, "vggt_frames", None)
-        self.num_frames = int(frames) if frames else (8 if size == "small" else 32)
-        ratios = getattr(args, "vggt_merge_ratios", None)
-        self.merge_ratios = ratios or default_merge_ratios(getattr(args, "ratios", None))
+        self.num_frames = options.frames or (8 if size == "small" else 32)
+        self.merge_ratios = list(options.merge_ratios or default_merge_ratios(context.ratios))
 
-    def settings(self) -> list[str]:
-        return ["full"] + [f"fastvggt@{m:g}" for m in self.merge_ratios]
+    def settings(self) -> list[Setting]:
+        merged = [
+            Setting(f"fastvggt@{m:g}", "fastvggt", {"ratio": m}, series="fastvggt")
+            for m in self.merge_ratios
+        ]
+        return [FULL, *merged]
+
+    def notes(self) -> list[str]:
+        return [
+            "kept_ratio: tokens that keep their own row in global attention. FastVGGT's "
+            "dst set (all of frame 0, the special tokens and one token per 2x2 cell of "
+            "every other frame) never merges, so merge ratios above about 0.75 give the "
+            "same rows: every unprotected src token is merged already."
+        ]
 
     # ------------------------------------------------------------------ helpers
     def _inputs(self, scene, max_frames: int | None = None):
@@ -227,9 +285,15 @@ class VGGTTrack:
         return {k: _finite(v) for k, v in row.items()}
 
     # ------------------------------------------------------------------ track API
-    def run_scene(self, scene, settings: list[str]) -> Iterator[dict]:
+    def run_unit(
+        self, scene, settings: list[Setting], progress: Progress = lambda _: None
+    ) -> Iterator[dict]:
+        """One row per setting on ``scene``; the unmerged forward always runs first
+        (every row is compared with it)."""
+        progress(f"loading {self.num_frames} frames")
         frames, images = self._inputs(scene)
         hw = tuple(images.shape[-2:])
+        progress(f"full: {len(frames)} frames")
         full, agg_t, tot_t, full_mem = self._measured_forward(images)
         base = {
             "num_frames": len(frames),
@@ -243,22 +307,22 @@ class VGGTTrack:
         )
         ref_extr, _ = pose_encoding_to_extri_intri(full["pose_enc"][0].float(), hw)
         for setting in settings:
-            if setting == "full":
+            if setting.method == "full":
                 out, a_t, t_t, mem = full, agg_t, tot_t, full_mem
                 kept, share = 1.0, 1.0
-            elif setting.startswith("fastvggt@"):
-                ratio = float(setting.split("@", 1)[1])
-                with TokenMerging(ratio=ratio).apply(self.model) as handle:
+            elif setting.method == "fastvggt":
+                progress(f"{setting.label}: {len(frames)} frames")
+                with TokenMerging(**setting.params).apply(self.model) as handle:
                     out, a_t, t_t, mem = self._measured_forward(images)
                     kept, share = handle.kept_ratio, attention_share(handle)
             else:
-                raise ValueError(f"unknown vggt setting {setting!r}")
+                raise ValueError(f"vggt track: unknown method {setting.method!r}")
             extr, _ = pose_encoding_to_extri_intri(out["pose_enc"][0].float(), hw)
             d_full, d = full["depth"].float(), out["depth"].float()
             row = {
                 **base,
-                "setting": setting,
-                "method": "full" if setting == "full" else "fastvggt",
+                "setting": setting.label,
+                "method": setting.method,
                 "kept_ratio": float(kept),
                 "tokens_kept": int(round(kept * tokens)),
                 "tokens_total": tokens,
