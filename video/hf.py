@@ -230,7 +230,7 @@ class _QwenVisionAttention:
             import sys
 
             mod = sys.modules[type(attn).__module__]
-            rot = getattr(mod, "apply_rotary_pos_emb_vision")
+            rot = mod.apply_rotary_pos_emb_vision
             q, k = rot(q, k, *pe)
         cu = kwargs.get("cu_seqlens")
         bounds = cu.tolist() if isinstance(cu, Tensor) else [0, s]
@@ -379,8 +379,10 @@ class VideoReduceHandle(MethodHandle):
 
     # ------------------------------------------------------------------ shortening
     @torch.no_grad()
-    def shorten(self, input_ids: Tensor, attention_mask: Tensor | None, **kwargs: Any) -> ShortInputs:
-        """Build the shortened prefill for ``input_ids [B, L]`` and the video inputs in ``kwargs``."""
+    def shorten(
+        self, input_ids: Tensor, attention_mask: Tensor | None, **kwargs: Any
+    ) -> ShortInputs:
+        """The shortened prefill for ``input_ids [B, L]`` and the video inputs in ``kwargs``."""
         model, cfg = self.model, self.model.config
         video_id = _video_token_id(cfg)
         image_id = getattr(cfg, "image_token_id", getattr(cfg, "image_token_index", None))
@@ -412,7 +414,8 @@ class VideoReduceHandle(MethodHandle):
             expected = f * n + (1 if videos.newline is not None else 0)
             if where.numel() != expected or int(where[-1] - where[0]) + 1 != expected:
                 raise ValueError(
-                    f"sample {i}: expected one run of {expected} video tokens, found {where.numel()}"
+                    f"sample {i}: expected one run of {expected} video tokens, "
+                    f"found {where.numel()}"
                 )
             start, end = int(where[0]), int(where[-1]) + 1
             res = self.reducer(feats, videos.attention[i], videos.newline)
@@ -427,7 +430,9 @@ class VideoReduceHandle(MethodHandle):
             frame, position = frame.to(ids_i.device).long(), position.to(ids_i.device).long()
             # the original index each output token stands at (a newline: the video's last slot)
             src_video = torch.where(
-                position == NEWLINE, torch.full_like(position, end - 1), start + frame * n + position
+                position == NEWLINE,
+                torch.full_like(position, end - 1),
+                start + frame * n + position,
             )
             keep_text = valid[i].clone()
             keep_text[start:end] = False
@@ -436,7 +441,9 @@ class VideoReduceHandle(MethodHandle):
             src = torch.cat([before, src_video, after])
             emb_text = embed(ids_i[None])[0]
             emb = torch.cat([emb_text[before], tokens.to(emb_text), emb_text[after]])
-            ids = torch.cat([ids_i[before], torch.full((m,), video_id, device=ids_i.device), ids_i[after]])
+            ids = torch.cat(
+                [ids_i[before], torch.full((m,), video_id, device=ids_i.device), ids_i[after]]
+            )
             sz = torch.ones(len(src), dtype=torch.float32, device=ids_i.device)
             if size is not None:
                 sz[len(before) : len(before) + m] = size.to(sz)
@@ -444,9 +451,17 @@ class VideoReduceHandle(MethodHandle):
         left = bool((~valid[:, 0]).any()) or not bool((~valid[:, -1]).any())
         new_len = max(len(r[0]) for r in rows)
         pad_id = getattr(cfg, "pad_token_id", None)
-        pad_id = getattr(getattr(cfg, "text_config", None), "pad_token_id", None) if pad_id is None else pad_id
-        out_ids = torch.full((b, new_len), int(pad_id or 0), dtype=input_ids.dtype, device=input_ids.device)
-        out_emb = torch.zeros(b, new_len, rows[0][1].shape[-1], dtype=dtype, device=input_ids.device)
+        pad_id = (
+            getattr(getattr(cfg, "text_config", None), "pad_token_id", None)
+            if pad_id is None
+            else pad_id
+        )
+        out_ids = torch.full(
+            (b, new_len), int(pad_id or 0), dtype=input_ids.dtype, device=input_ids.device
+        )
+        out_emb = torch.zeros(
+            b, new_len, rows[0][1].shape[-1], dtype=dtype, device=input_ids.device
+        )
         out_mask = torch.zeros(b, new_len, dtype=attention_mask.dtype, device=input_ids.device)
         out_src = torch.full((b, new_len), -1, dtype=torch.long, device=input_ids.device)
         out_size = torch.zeros(b, new_len, dtype=torch.float32, device=input_ids.device)
@@ -471,7 +486,9 @@ class VideoReduceHandle(MethodHandle):
 
     def _record(self, short: ShortInputs, attention_mask: Tensor | None, full: Tensor) -> None:
         full_len = (
-            attention_mask.sum(1) if attention_mask is not None else torch.full((full.shape[0],), full.shape[1])
+            attention_mask.sum(1)
+            if attention_mask is not None
+            else torch.full((full.shape[0],), full.shape[1])
         )
         self.last = {
             "input_ids": short.input_ids,

@@ -42,17 +42,21 @@ official code applies sample 0's to all).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from common.checks import budget, check_count, check_range
-from common.engine import apply_plan, find_decoder_layers
+from common.engine import PlanContext, TokenPlan, apply_plan, find_decoder_layers
 from common.merging import sequential_halving_merge, weighted_average_merge
+
+if TYPE_CHECKING:  # pragma: no cover
+    from common.matching import Merge
 
 __all__ = ["InnerMerge", "InnerMergeHandle", "fold_into_most_similar", "most_similar_kept"]
 
@@ -130,7 +134,7 @@ def fold_into_most_similar(
 
 
 @dataclass
-class InnerMerge:
+class InnerMerge(TokenPlan):
     """HoliTom's inner-LLM merge as an engine plan (see the module docstring).
 
     Attributes:
@@ -138,7 +142,7 @@ class InnerMerge:
             paper 18 of 28; the official environment default is 3).
         ratio: fraction ``r`` of the visual span merged away, in ``[0, 1)``;
             ``round(L * (1 - r))`` tokens stay; 0 keeps everything (identity).
-        fold: ``"faithful"`` (official sequential halving) or ``"mean"``
+        fold_mode: ``"faithful"`` (official sequential halving) or ``"mean"``
             (size-weighted mean).
         layer_attention: ``"bidirectional"`` (faithful quirk: layer ``K-1``
             unmasked during prefill) or ``"causal"`` (corrected).
@@ -146,20 +150,50 @@ class InnerMerge:
 
     layer: int = 18
     ratio: float = 0.5
-    fold: str = "faithful"
+    fold_mode: str = "faithful"
     layer_attention: str = "bidirectional"
+
+    needs_previous_layer = True
+    layers_field = "layer"
 
     def __post_init__(self) -> None:
         check_count("layer", self.layer, low=1)
         check_range("ratio", self.ratio, 0.0, 1.0)
         if self.ratio >= 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
-        if self.fold not in FOLD_MODES:
-            raise ValueError(f"fold must be one of {FOLD_MODES}, got {self.fold!r}")
+        if self.fold_mode not in FOLD_MODES:
+            raise ValueError(f"fold_mode must be one of {FOLD_MODES}, got {self.fold_mode!r}")
         if self.layer_attention not in LAYER_ATTENTION:
             raise ValueError(
                 f"layer_attention must be one of {LAYER_ATTENTION}, got {self.layer_attention!r}"
             )
+        self._sizes: Tensor | None = None  # [B, L_prefill] of the next prefill (handle-set)
+
+    # plan protocol -------------------------------------------------------
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
+    def budget(self, stage: int, span_len: int) -> int:
+        return budget(span_len, 1.0 - float(self.ratio), name="ratio", rounding="round")
+
+    def score(self, ctx: PlanContext) -> Tensor:
+        """``[B, S]`` layer K-1's head-averaged attention of the last token over the span."""
+        return ctx.span_attention(-1, previous=True)
+
+    # match: the engine's default is this rule (cosine on ctx.hidden_states, i.e. layer
+    # K-1's raw output, computed once before folding, first maximum on ties)
+
+    def fold(self, hidden_states: Tensor, merge: Merge, ctx: PlanContext) -> Tensor:
+        """``[B, L, D] -> [B, K, D]``: halving (faithful) or size-weighted mean."""
+        if self.fold_mode == "faithful":
+            # members in ascending index = the official ascending dropped order; each
+            # dropped token is read at its original value
+            return merge.merge(hidden_states, mode="halving")
+        size = None
+        if self._sizes is not None:
+            size = self._sizes.to(hidden_states.device).gather(1, ctx.positions)
+        return merge.merge(hidden_states, mode="wavg", size=size)
 
     def apply(
         self,
@@ -172,34 +206,8 @@ class InnerMerge:
         return InnerMergeHandle(model, self, spans=spans, span_token_id=span_token_id)
 
 
-class _Plan:
-    """The engine-facing plan (kept apart so the dataclass stays a plain method)."""
-
-    needs_previous_layer = True
-
-    def __init__(self, method: InnerMerge) -> None:
-        self.method = method
-        self.layers = (method.layer,)
-        self.sizes: Tensor | None = None  # [B, L_prefill] sizes of the next prefill, or None
-
-    def keep(self, stage: int, span_len: int) -> int:
-        return budget(span_len, 1.0 - float(self.method.ratio), name="ratio", rounding="round")
-
-    def score(self, layer_idx: int, hidden_states: Tensor, layer_module: nn.Module, ctx) -> Tensor:
-        """``[B, S]`` layer K-1's head-averaged attention of the last token over the span."""
-        return ctx.span_attention(-1, previous=True)
-
-    def fold(self, hidden_states: Tensor, ctx, keep_pos: Tensor, drop_pos: Tensor) -> Tensor:
-        sizes = None
-        if self.sizes is not None:
-            sizes = self.sizes.to(hidden_states.device).gather(1, ctx.positions)
-        return fold_into_most_similar(
-            hidden_states, keep_pos, drop_pos, mode=self.method.fold, sizes=sizes
-        )
-
-
 class InnerMergeHandle:
-    """The inner merge applied to a model (engine plan + the layer K-1 mask hook).
+    """The inner merge applied to a model: the engine plan plus the layer K-1 mask hook.
 
     ``remove()`` restores the model; ``engine`` is the engine handle
     (``engine.last_plan`` describes the last merged prefill).
@@ -215,10 +223,9 @@ class InnerMergeHandle:
     ) -> None:
         self.model = model
         self.method = method
-        self.plan = _Plan(method)
-        self.engine = apply_plan(
-            model, self.plan, spans=spans, span_token_id=span_token_id, layers_name="layer"
-        )
+        # a private copy carries the per-call sizes (the user's object stays stateless)
+        self.plan = dataclasses.replace(method)
+        self.engine = apply_plan(model, self.plan, spans=spans, span_token_id=span_token_id)
         self._hooks: list[Any] = []
         if method.layer_attention == "bidirectional":
             _, layers = find_decoder_layers(model)
@@ -229,19 +236,23 @@ class InnerMergeHandle:
     def active(self) -> bool:
         return self.engine.active
 
+    @property
+    def last_plan(self) -> dict[str, Any] | None:
+        return self.engine.last_plan
+
     def set_spans(self, spans: Any) -> None:
         self.engine.set_spans(spans)
 
     def set_sizes(self, sizes: Tensor | None) -> None:
-        """``[B, L]`` token sizes of the next prefill (for ``fold="mean"``), or ``None``."""
-        self.plan.sizes = sizes
+        """``[B, L]`` token sizes of the next prefill (for ``fold_mode="mean"``), or ``None``."""
+        self.plan._sizes = sizes
 
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
         self.engine.remove()
-        self.plan.sizes = None
+        self.plan._sizes = None
 
     def __enter__(self) -> InnerMergeHandle:
         return self
@@ -249,8 +260,12 @@ class InnerMergeHandle:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"InnerMergeHandle({self.method!r} on {type(self.model).__name__}, {state})"
+
     def _unmask(self, module: nn.Module, args: tuple, kwargs: dict):
-        # only the prefill this engine is merging (the decode step has one query anyway)
+        # only in a prefill the engine is about to merge (its prefill state exists)
         if getattr(self.engine, "_state", None) is None:
             return None
         hidden = args[0] if args else kwargs.get("hidden_states")
@@ -258,7 +273,11 @@ class InnerMergeHandle:
             return None
         new_kwargs = dict(kwargs)
         new_kwargs["attention_mask"] = bidirectional_mask(
-            kwargs.get("attention_mask"), hidden.shape[0], hidden.shape[1], hidden.dtype, hidden.device
+            kwargs.get("attention_mask"),
+            hidden.shape[0],
+            hidden.shape[1],
+            hidden.dtype,
+            hidden.device,
         )
         return args, new_kwargs
 
