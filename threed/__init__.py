@@ -1,4 +1,4 @@
-"""3D: VGGT + FastVGGT token merging, TSP3D sparse voxel pruning, ScanNet data.
+"""3D: AdaGate (AdaToken-3D) spatial gating, VGGT + FastVGGT token merging, TSP3D, ScanNet data.
 
 ``import threed`` needs torch only: names below are imported on first use, and
 optional dependencies (spconv, open3d, matplotlib) only inside the functions
@@ -11,6 +11,9 @@ import importlib
 
 # public name -> submodule that defines it
 _EXPORTS = {
+    "AdaGate": "threed.adagate",
+    "AdaGateProfile": "threed.adagate",
+    "spatial_contribution": "threed.analysis",
     "VGGT": "threed.vggt",
     "VGGTConfig": "threed.vggt",
     "TokenMerging": "threed.vggt",
