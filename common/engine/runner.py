@@ -45,6 +45,7 @@ Scope and limits:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Iterable
@@ -153,6 +154,32 @@ def _right_padded(mask2d: Tensor) -> bool:
     return bool((seen & ~m).any())
 
 
+def _row(x: Any, i: int, b: int) -> Any:
+    """Sample ``i`` of a batched tensor (batch on dim 0, or dim 1 for M-RoPE ``[3, B, ...]``)."""
+    if isinstance(x, Tensor):
+        if x.ndim >= 1 and x.shape[0] == b:
+            return x[i : i + 1]
+        if x.ndim >= 3 and x.shape[1] == b and x.shape[0] in (3, 4):
+            return x[:, i : i + 1]
+        return x  # broadcast over the batch
+    if isinstance(x, (tuple, list)):
+        return type(x)(_row(v, i, b) for v in x)
+    return x
+
+
+def _ctx_row(ctx: PlanContext, i: int) -> PlanContext:
+    """The context of sample ``i`` alone (``history`` and ``state`` stay shared)."""
+    b = ctx.batch
+    return dataclasses.replace(
+        ctx,
+        **{
+            f.name: _row(getattr(ctx, f.name), i, b)
+            for f in dataclasses.fields(ctx)
+            if f.name not in ("stage", "layer_idx", "layer", "prev_layer", "state", "history")
+        },
+    )
+
+
 class EngineHandle(MethodHandle):
     """A plan applied to a model. ``remove()`` (or leaving the ``with`` block) undoes it.
 
@@ -163,7 +190,8 @@ class EngineHandle(MethodHandle):
             ``kept_length`` (per stage layer that pruned: the padded length),
             ``keep_idx`` (per such layer: ``[B, n]`` original indices of the
             slots alive after it), ``valid`` (``[B, n]`` bool, False at padding
-            slots) and ``kept_counts`` (``[B]`` real tokens per sample);
+            slots), ``kept_counts`` (``[B]`` real tokens per sample) and
+            ``span_kept`` (``[B]`` span tokens per sample that survived it);
             ``None`` when the latest prefill pruned nothing.
         num_pruned_prefills: how many prefills were pruned so far.
     """
@@ -529,9 +557,18 @@ class EngineHandle(MethodHandle):
         new_valid = real.gather(1, keep_cur)
         kept_hidden = hidden.gather(1, keep_cur[:, :, None].expand(-1, -1, hidden.shape[-1]))
         if self.plan.folds:
-            hidden = self._fold(hidden, ctx, keep, span_pos, span_valid, slots, keep_cur)
-            # padding slots have no members: give them a finite state (masked from now on)
-            hidden = torch.where(new_valid[:, :, None], hidden, kept_hidden)
+            hidden = self._fold(
+                hidden,
+                ctx,
+                keep,
+                span_pos,
+                span_valid,
+                real,
+                valid,
+                keep_cur,
+                new_valid,
+                kept_hidden,
+            )
         else:
             hidden = kept_hidden
         new_positions = positions.gather(1, keep_cur)
@@ -556,12 +593,14 @@ class EngineHandle(MethodHandle):
                 "keep_idx": {},
                 "valid": {},
                 "kept_counts": {},
+                "span_kept": {},
             }
         assert self.last_plan is not None
         self.last_plan["kept_length"][idx] = n_max
         self.last_plan["keep_idx"][idx] = new_positions
         self.last_plan["valid"][idx] = new_valid
         self.last_plan["kept_counts"][idx] = n_real
+        self.last_plan["span_kept"][idx] = kept_counts
         logger.debug(
             "layer %d: kept %s of %s span tokens (%d -> %d)",
             idx,
@@ -579,15 +618,26 @@ class EngineHandle(MethodHandle):
         keep: Tensor,
         span_pos: Tensor,
         span_valid: Tensor,
-        slots: Tensor,
+        real: Tensor,
+        valid: Tensor,
         keep_cur: Tensor,
+        new_valid: Tensor,
+        kept_hidden: Tensor,
     ) -> Tensor:
+        """The plan's fold, as a :class:`common.Merge` over the current sequence.
+
+        Without padding: one batched call (slots = ``keep_cur``). With padding
+        (samples keep different counts, now or at an earlier stage): one call
+        per sample with a batch-1 merge whose slots are that sample's
+        surviving tokens (plus earlier padding slots, which keep themselves),
+        so every real token folds exactly the members it folds alone.
+        """
         from common.matching import Merge
 
-        b, lc = slots.shape
+        b, lc = real.shape
+        dev = real.device
         dropped = span_valid & ~keep
-        has_drop = dropped.any(1)
-        if bool((has_drop & ~keep.any(1)).any()):
+        if bool((dropped.any(1) & ~keep.any(1)).any()):
             raise ValueError(
                 f"{type(self.plan).__name__}: a sample keeps no span token but folds dropped "
                 "ones; fold needs at least one kept span token per sample"
@@ -595,27 +645,38 @@ class EngineHandle(MethodHandle):
         target = self.plan.match(keep, ctx)
         if not isinstance(target, Tensor) or target.shape != keep.shape:
             raise ValueError(f"{type(self.plan).__name__}.match must return a [B, S] long tensor")
-        target = target.to(span_pos.device).long()
-        tgt_kept = keep.gather(1, target.clamp(0, keep.shape[1] - 1))
-        if bool((dropped & ~tgt_kept).any()):
+        target = target.to(dev).long().clamp(0, keep.shape[1] - 1)
+        if bool((dropped & ~keep.gather(1, target)).any()):
             raise ValueError(
-                f"{type(self.plan).__name__}.match must map dropped tokens to kept ones"
+                f"{type(self.plan).__name__}.match must map every dropped token to a kept one"
             )
         # destination (current position) of every token: itself, or its target's position
-        dst_pos = torch.arange(lc, device=slots.device).expand(b, -1).clone()
-        drop_src = span_pos[dropped]
-        rows = torch.arange(b, device=slots.device)[:, None].expand_as(span_pos)[dropped]
-        dst_pos[rows, drop_src] = span_pos.gather(1, target)[dropped]
-        slot_of = slots.long().cumsum(1) - 1  # slot index of every slot position
-        merge = Merge(keep_idx=keep_cur, dst_of=slot_of.gather(1, dst_pos))
-        out = self.plan.fold(hidden, merge, ctx)
-        n = keep_cur.shape[1]
-        if not isinstance(out, Tensor) or tuple(out.shape) != (b, n, hidden.shape[-1]):
-            raise ValueError(
-                f"{type(self.plan).__name__}.fold must return [B, K, D] = ({b}, {n}, "
-                f"{hidden.shape[-1]}), got {getattr(out, 'shape', type(out))}"
+        dst_pos = torch.arange(lc, device=dev).expand(b, -1).clone()
+        rows = torch.arange(b, device=dev)[:, None].expand_as(span_pos)[dropped]
+        dst_pos[rows, span_pos[dropped]] = span_pos.gather(1, target)[dropped]
+        name = type(self.plan).__name__
+        d = hidden.shape[-1]
+        if bool(valid.all()) and bool(new_valid.all()):
+            slots = real
+            merge = Merge(keep_idx=keep_cur, dst_of=(slots.long().cumsum(1) - 1).gather(1, dst_pos))
+            out = self.plan.fold(hidden, merge, ctx)
+            n = keep_cur.shape[1]
+            if not isinstance(out, Tensor) or tuple(out.shape) != (b, n, d):
+                raise ValueError(f"{name}.fold must return [B, K, D] = ({b}, {n}, {d})")
+            return out
+        result = kept_hidden.clone()
+        for i in range(b):
+            slots = real[i] | ~valid[i]  # earlier padding slots keep themselves
+            keep_i = slots.nonzero()[:, 0][None]
+            dst_i = (slots.long().cumsum(0) - 1).gather(0, dst_pos[i])[None]
+            out = self.plan.fold(
+                hidden[i : i + 1], Merge(keep_idx=keep_i, dst_of=dst_i), _ctx_row(ctx, i)
             )
-        return out
+            n = keep_i.shape[1]
+            if not isinstance(out, Tensor) or tuple(out.shape) != (1, n, d):
+                raise ValueError(f"{name}.fold must return [B, K, D] = (1, {n}, {d})")
+            result[i, new_valid[i]] = out[0, real[i][keep_i[0]]].to(result.dtype)
+        return result
 
     # ----------------------------------------------------------------- decoding
     def _active_stage(self, idx: int) -> tuple[int, _Stage]:
