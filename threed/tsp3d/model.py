@@ -25,6 +25,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -53,6 +54,28 @@ __all__ = [
 ]
 
 STRIDES = (8, 16, 32, 64)  # backbone output strides in base voxels
+
+
+def check_thresholds(thresholds, name: str = "thresholds") -> tuple[float, float]:
+    """Two keep-probability thresholds (64 cm, 32 cm), each in [0, 1) (NaN refused)."""
+    try:
+        vals = tuple(float(t) for t in thresholds)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be two numbers in [0, 1), got {thresholds!r}") from None
+    if len(vals) != 2 or not all(0.0 <= t < 1.0 for t in vals):  # NaN fails the comparison
+        raise ValueError(f"{name} must be two numbers in [0, 1), got {thresholds!r}")
+    return vals
+
+
+def check_keep_ratios(ratios, name: str = "keep_ratios") -> tuple[float, float]:
+    """Two kept fractions (64 cm, 32 cm), each in (0, 1]."""
+    try:
+        vals = tuple(float(r) for r in ratios)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be two numbers in (0, 1], got {ratios!r}") from None
+    if len(vals) != 2 or not all(0.0 < r <= 1.0 for r in vals):
+        raise ValueError(f"{name} must be two numbers in (0, 1], got {ratios!r}")
+    return vals
 
 
 @dataclass
@@ -94,9 +117,7 @@ class TSP3DConfig:
     def __post_init__(self):
         if not self.voxel_size > 0:
             raise ValueError(f"voxel_size must be > 0, got {self.voxel_size}")
-        for t in self.prune_thresholds:
-            if not 0.0 <= t < 1.0:
-                raise ValueError(f"prune_thresholds must be in [0, 1), got {self.prune_thresholds}")
+        self.prune_thresholds = check_thresholds(self.prune_thresholds, "prune_thresholds")
         if not 0.0 <= self.cba_threshold < 1.0:
             raise ValueError(f"cba_threshold must be in [0, 1), got {self.cba_threshold}")
         if any(c != self.d_model for c in self.backbone_channels[1:]):
@@ -251,11 +272,13 @@ def make_scene_batch(
     vox, idx, feats, shape = [], [], [], [0, 0, 0]
     for b, (p, c) in enumerate(zip(points, colors)):
         p = torch.as_tensor(p, dtype=torch.float32)
-        c = (
-            torch.zeros_like(p)
-            if c is None
-            else torch.as_tensor(c, dtype=torch.float32, device=p.device)
-        )
+        if c is None:
+            c = torch.zeros_like(p)
+        else:
+            raw = torch.as_tensor(c)
+            c = raw.to(device=p.device, dtype=torch.float32)
+            if raw.dtype == torch.uint8:
+                c = c / 255.0
         v = voxelize(p, torch.cat([p, c], 1), voxel_size)
         vox.append(v)
         i = v.indices.clone()
@@ -349,8 +372,10 @@ class TSP3DGrounder(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     def scene_batch(self, points, colors=None) -> SceneBatch:
-        """``points``: one ``[N, 3]`` tensor or a list; colours ``[N, 3]`` in [0, 1]."""
-        if isinstance(points, Tensor):
+        """``points``: one scene's ``[N, 3]`` tensor or numpy array (what
+        ``threed.scannet.load_scene`` gives), or a list of them; colours ``[N, 3]`` in
+        [0, 1] (uint8 arrays are divided by 255)."""
+        if isinstance(points, (Tensor, np.ndarray)):
             points, colors = [points], [colors]
         colors = colors if colors is not None else [None] * len(points)
         return make_scene_batch(points, colors, self.config.voxel_size)
@@ -386,9 +411,10 @@ class TSP3DGrounder(nn.Module):
         cfg = self.config
         if len(texts) != batch.batch_size:
             raise ValueError(f"need one text per scene, got {len(texts)} for {batch.batch_size}")
-        thr = cfg.prune_thresholds if thresholds is None else tuple(thresholds)
+        thr = cfg.prune_thresholds if thresholds is None else check_thresholds(thresholds)
+        if keep_ratios is not None:
+            keep_ratios = check_keep_ratios(keep_ratios)
         use_cba = (cfg.cba if cba is None else cba) and prune
-        training = self.training
         dev = self.text_projector[0].weight.device
         x_in = make_tensor(
             batch.features.to(dev), batch.indices.to(dev), batch.spatial_shape, batch.batch_size
@@ -406,62 +432,36 @@ class TSP3DGrounder(nn.Module):
         }
         keep, kept_pos = {}, {}
 
-        # scene level (64)
-        x, logit64, txt = self.tgp_scene.score(
-            x64, self._pos(x64, 64, org), txt, txt_pad, generator
-        )
-        keep[64] = {
-            "logits": logit64,
-            "positions": self._pos(x, 64, org),
-            "batch_idx": x.indices[:, 0].long(),
-        }
-        x = self.lateral[2](x)
-        if prune and not training:
-            x, _ = self.tgp_scene.prune_coarse(
-                x, logit64, thr[0], None if keep_ratios is None else keep_ratios[0]
-            )
-        counts["kept_64"] = x.features.shape[0]
-        kept_pos[64] = self._pos(x, 64, org)
-        coarse = x
         # unpruned "scene" mode: the children that exist in the backbone level (every
         # backbone voxel's parent is present), computed only there
         scene_mode = not prune and cfg.unpruned_upsample == "scene"
-        x = self.up_64_32(x, x32.indices if scene_mode else None)
-        counts["generated_32"] = x.features.shape[0]
-        # scene mode computed the children exactly at x32's rows: the join is the identity
-        x = x.replace_feature(
-            x.features + (x32.features if scene_mode else features_at(x32, x.indices))
+        levels = (  # (stride, TGP, lateral block, upsampling, backbone level below)
+            (64, self.tgp_scene, self.lateral[2], self.up_64_32, x32),
+            (32, self.tgp_target, self.lateral[1], self.up_32_16, x16),
         )
-        if prune and training:
-            x, _ = self.tgp_scene.prune_children(
-                x, coarse, logit64, self.tgp_scene.draw_topk(generator)
+        x = x64
+        for i, (stride, tgp, lateral, up, skip) in enumerate(levels):
+            x, txt, n_scored = self._tgp_level(
+                x,
+                stride,
+                tgp,
+                lateral,
+                up,
+                skip,
+                org,
+                txt,
+                txt_pad,
+                generator,
+                prune=prune,
+                scene_mode=scene_mode,
+                threshold=thr[i],
+                keep_ratio=None if keep_ratios is None else keep_ratios[i],
+                keep=keep,
+                kept_pos=kept_pos,
+                counts=counts,
             )
-
-        # target level (32)
-        x, logit32, txt = self.tgp_target.score(x, self._pos(x, 32, org), txt, txt_pad, generator)
-        keep[32] = {
-            "logits": logit32,
-            "positions": self._pos(x, 32, org),
-            "batch_idx": x.indices[:, 0].long(),
-        }
-        counts["decoder_32"] = x.features.shape[0]
-        x = self.lateral[1](x)
-        if prune and not training:
-            x, _ = self.tgp_target.prune_coarse(
-                x, logit32, thr[1], None if keep_ratios is None else keep_ratios[1]
-            )
-        counts["kept_32"] = x.features.shape[0]
-        kept_pos[32] = self._pos(x, 32, org)
-        coarse = x
-        x = self.up_32_16(x, x16.indices if scene_mode else None)
-        counts["generated_16"] = x.features.shape[0]
-        if prune and training:
-            x, _ = self.tgp_target.prune_children(
-                x, coarse, logit32, self.tgp_target.draw_topk(generator)
-            )
-        x = x.replace_feature(
-            x.features + (x16.features if scene_mode else features_at(x16, x.indices))
-        )
+            if stride == 32:
+                counts["decoder_32"] = n_scored
         counts["pruned_16"] = x.features.shape[0]
 
         cba_info = None
@@ -512,6 +512,60 @@ class TSP3DGrounder(nn.Module):
             kept_pos,
             timings,
         )
+
+    def _tgp_level(
+        self,
+        x,
+        stride,
+        tgp,
+        lateral,
+        up,
+        skip,
+        org,
+        txt,
+        txt_pad,
+        generator,
+        *,
+        prune,
+        scene_mode,
+        threshold,
+        keep_ratio,
+        keep,
+        kept_pos,
+        counts,
+    ):
+        """One TGP level (the official ``TSPHead`` loop body, written once for 64 and 32).
+
+        BiEncoder + keep score on ``x`` (level ``stride``) -> lateral block -> inference
+        pruning by threshold -> upsampling to ``stride / 2`` (all 27 children, or only
+        ``skip``'s voxels in the unpruned ``scene`` mode) -> training top-k of the
+        children -> + the backbone features of ``skip`` at the children. Pruning the
+        children before the join (the official order at 32 cm; at 64 cm it joins first)
+        gives the same rows and values: the top-k reads only the coarse logits and the
+        join is row-wise. Fills ``keep[stride]``, ``kept_pos[stride]`` and the
+        ``kept_{stride}`` / ``generated_{stride // 2}`` counts; returns ``(x, txt,
+        voxels scored)``.
+        """
+        x, logit, txt = tgp.score(x, self._pos(x, stride, org), txt, txt_pad, generator)
+        keep[stride] = {
+            "logits": logit,
+            "positions": self._pos(x, stride, org),
+            "batch_idx": x.indices[:, 0].long(),
+        }
+        n_scored = x.features.shape[0]
+        x = lateral(x)
+        if prune and not self.training:
+            x, _ = tgp.prune_coarse(x, logit, threshold, keep_ratio)
+        counts[f"kept_{stride}"] = x.features.shape[0]
+        kept_pos[stride] = self._pos(x, stride, org)
+        coarse = x
+        x = up(x, skip.indices if scene_mode else None)
+        counts[f"generated_{stride // 2}"] = x.features.shape[0]
+        if prune and self.training:
+            x, _ = tgp.prune_children(x, coarse, logit, tgp.draw_topk(generator))
+        # scene mode computed the children exactly at skip's rows: the join is the identity
+        joined = skip.features if scene_mode else features_at(skip, x.indices)
+        return x.replace_feature(x.features + joined), txt, n_scored
 
     @torch.no_grad()
     def predict(self, points: Tensor, colors: Tensor | None, text: str, **kw) -> GroundingOutput:

@@ -19,6 +19,8 @@ spconv is imported lazily (``import threed`` needs torch only).
 from __future__ import annotations
 
 import itertools
+import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,11 +48,39 @@ __all__ = [
 ]
 
 
+class _DropFxTracingNote(logging.Filter):
+    """Drops torch's "is_fx_tracing will return true ..." note, which torch logs each
+    time spconv builds a ``SparseConvTensor`` (its class uses torch.fx's
+    ``ProxyableClassMeta``); every other record of that logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("is_fx_tracing will return true")
+
+
+_FX_FILTER = _DropFxTracingNote()
+
+
+def _silence_known_spconv_noise() -> None:
+    """Narrowly silence the two messages spconv 2.3.6 causes on recent torch, for
+    library users too (not only the scripts): the note above, and the
+    ``torch.cuda.amp.custom_fwd/bwd`` FutureWarnings raised while spconv is imported
+    (handled by the caller). Nothing else is filtered."""
+    fx_log = logging.getLogger("torch.fx._symbolic_trace")
+    if _FX_FILTER not in fx_log.filters:
+        fx_log.addFilter(_FX_FILTER)
+
+
 def spconv_modules():
     """``(spconv.pytorch, ConvAlgo.Native)``; raises ImportError with a hint."""
     try:
-        import spconv.pytorch as spconv
-        from spconv.core import ConvAlgo
+        with warnings.catch_warnings():
+            # spconv's own decorators use torch's deprecated amp API; not the user's concern
+            warnings.filterwarnings(
+                "ignore", message=r"`torch\.cuda\.amp\.custom_", category=FutureWarning
+            )
+            import spconv.pytorch as spconv
+            from spconv.core import ConvAlgo
+        _silence_known_spconv_noise()
     except ImportError as e:  # pragma: no cover - environment dependent
         raise ImportError(
             "TSP3D needs spconv 2.x (pip install 'spconv-cu120>=2.3.6'); it runs on CPU "
@@ -310,6 +340,13 @@ def voxelize(
     feats = pts if features is None else features.float().to(pts.device)
     if feats.shape[0] != pts.shape[0]:
         raise ValueError("features must have one row per point")
+    for name, t in (("points", pts), ("features", feats)):
+        bad = ~torch.isfinite(t).all(1)
+        if bool(bad.any()):
+            kind = "NaN" if bool(torch.isnan(t).any()) else "inf"
+            raise ValueError(
+                f"{kind} in {name}: {int(bad.sum())} of {t.shape[0]} rows are not finite"
+            )
     cell = voxel_size * coarsest_stride
     lo = torch.floor(pts.min(0).values / cell) * cell - margin_cells * cell
     grid = torch.floor((pts - lo) / voxel_size).long()

@@ -96,6 +96,34 @@ def _has_tokenizer_files(path: str) -> bool:
     return any((p / f).exists() for f in _TOKENIZER_FILES)
 
 
+def _load_local_model(auto_model, path: str) -> nn.Module:
+    """``AutoModel.from_pretrained`` without network: a local folder, or a name already in
+    the Hugging Face cache. Anything else is "folder not found" (the project never
+    downloads weights), not transformers' hub repo-id error."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise NotADirectoryError(
+            f"text encoder path {path} is a file; expected the folder of a Hugging Face "
+            "RoBERTa-like model (config.json + weights)"
+        )
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise FileNotFoundError(
+            f"text encoder folder {path} has no config.json (expected a Hugging Face "
+            "RoBERTa-like model saved with save_pretrained)"
+        )
+    try:
+        return auto_model.from_pretrained(str(p) if p.is_dir() else path, local_files_only=True)
+    except OSError:
+        if p.is_dir():
+            raise
+        raise FileNotFoundError(
+            f"text encoder folder not found: {path} (nor a model of that name in the "
+            "Hugging Face cache; weights are never downloaded)"
+        ) from None
+
+
 class TextEncoder(nn.Module):
     """Frozen text encoder: ``texts -> (hidden [B, L, H], pad_mask [B, L])`` (True = padding).
 
@@ -117,9 +145,10 @@ class TextEncoder(nn.Module):
         if model is None and path is not None:
             from transformers import AutoModel, AutoTokenizer
 
-            model = AutoModel.from_pretrained(path)
+            path = str(path)
+            model = _load_local_model(AutoModel, path)
             if tokenizer is None and _has_tokenizer_files(path):
-                tokenizer = AutoTokenizer.from_pretrained(path)
+                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             elif tokenizer is None:
                 # transformers 5 would build an empty (5-token) tokenizer from the config
                 logger.warning("no tokenizer files in %s; using the word-hash tokenizer", path)
