@@ -20,9 +20,15 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
+# benchmarks/ is not installed (pyproject: packages.find): this script finds it, and the
+# packages, in its own checkout
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-from common.cli import setup_logging
+import torch  # noqa: E402
+
+from common.cli import setup_logging  # noqa: E402
 
 AREAS = ["primitives", "engine", "vggt", "tsp3d"]
 

@@ -94,6 +94,33 @@ def test_bench_driver_quick(tmp_path, monkeypatch):
     assert rows and all("speedup" in r for r in rows if "baseline_median_s" in r)
 
 
+def test_wheel_leaves_benchmarks_out_and_bench_finds_it_in_the_checkout():
+    """`benchmarks` is a generic top-level name: it must not go into site-packages."""
+    import subprocess
+
+    tomllib = pytest.importorskip("tomllib")
+    from setuptools import find_packages
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    find = find["find"]
+    packages = find_packages(str(ROOT), include=find["include"], exclude=find.get("exclude", ()))
+    tops = {p.split(".")[0] for p in packages}
+    assert tops == {"common", "threed", "video"}, tops
+    # scripts/bench.py imports benchmarks/ from its checkout, with no installed mapping
+    probe = (
+        "import sys, runpy\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        "sys.path[:] = [p for p in sys.path if p not in ('', '.')]\n"
+        f"runpy.run_path({str(ROOT / 'scripts' / 'bench.py')!r})\n"
+        "import benchmarks.primitives\n"
+        "print(benchmarks.__file__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd="/", check=True
+    )
+    assert done.stdout.strip() == str(ROOT / "benchmarks" / "__init__.py")
+
+
 @pytest.mark.slow
 def test_eval_scannet_under_torchrun_shards_and_merges(tmp_path):
     """Two real processes with a gloo barrier: each runs one scene, rank 0 merges."""

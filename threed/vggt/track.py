@@ -312,7 +312,7 @@ class VGGTTrack(Track):
                 kept, share = 1.0, 1.0
             elif setting.method == "fastvggt":
                 progress(f"{setting.label}: {len(frames)} frames")
-                with TokenMerging(**setting.params).apply(self.model) as handle:
+                with setting.build().apply(self.model) as handle:
                     out, a_t, t_t, mem = self._measured_forward(images)
                     kept, share = handle.kept_ratio, attention_share(handle)
             else:
