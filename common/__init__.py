@@ -20,7 +20,12 @@ from common.merging import (
     unmerge,
     weighted_average_merge,
 )
-from common.scores import attention_received, cls_attention, l2_norm_score
+from common.scores import (
+    attention_received,
+    attention_received_from_qk,
+    cls_attention,
+    l2_norm_score,
+)
 from common.segmentation import (
     rebalance_retain_ratio,
     segment_static_masks,
@@ -40,6 +45,7 @@ __all__ = [
     "adjacent_frame_similarity",
     "assign_to_centres",
     "attention_received",
+    "attention_received_from_qk",
     "best_match",
     "bipartite_soft_matching",
     "centre_weighted_merge",

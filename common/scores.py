@@ -12,7 +12,7 @@ import torch
 
 from common.checks import check_count, check_tensor
 
-__all__ = ["attention_received", "cls_attention", "l2_norm_score"]
+__all__ = ["attention_received", "attention_received_from_qk", "cls_attention", "l2_norm_score"]
 
 
 def _heads_mean(attn: torch.Tensor, name: str = "attn") -> torch.Tensor:
@@ -47,6 +47,55 @@ def attention_received(attn: torch.Tensor, query_mask: torch.Tensor | None = Non
         )
     w = query_mask.float()
     return (a * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
+
+
+def attention_received_from_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float | None = None,
+    *,
+    query_chunk: int = 256,
+) -> torch.Tensor:
+    """Mean attention each key receives, from the queries and keys of a
+    bidirectional attention layer, never holding the ``[B, H, Nq, Nk]`` map whole.
+
+    Computed as an eager layer in ``q``'s dtype computes ``output_attentions``
+    (logits ``q k^T * scale`` in that dtype, softmax in float32, probabilities
+    cast back), then averaged over heads and over queries with each mean
+    rounded to ``q``'s dtype, as ``attn.mean(1).mean(1)`` on those weights
+    (HoliTom / VisionZip read SigLIP's attention so). Exact in float32; in
+    bf16 the same rounding steps, so ties and top-k agree.
+
+    Args:
+        q: ``[B, H, Nq, hd]`` queries (rotary already applied).
+        k: ``[B, Hkv, Nk, hd]`` keys, ``H`` a multiple of ``Hkv`` (grouped heads).
+        scale: logit scale (default ``hd ** -0.5``).
+        query_chunk: queries per block (memory ``[B, H, query_chunk, Nk]``).
+
+    Returns:
+        ``[B, Nk]`` float32 (values representable in ``q``'s dtype).
+    """
+    q = check_tensor("q", q, 4, floating=True)
+    k = check_tensor("k", k, 4, floating=True)
+    b, h, nq, hd = q.shape
+    if k.shape[0] != b or k.shape[-1] != hd or h % k.shape[1]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B and hd, "
+            "with H a multiple of Hkv"
+        )
+    check_count("query_chunk", query_chunk, low=1)
+    scale = hd**-0.5 if scale is None else float(scale)
+    hkv, nk = k.shape[1], k.shape[2]
+    kk = k.to(q.dtype)[:, :, None]  # [B, Hkv, 1, Nk, hd]: query heads grouped per key head
+    total = torch.zeros(b, nk, dtype=torch.float32, device=q.device)
+    with torch.no_grad():
+        for i in range(0, nq, query_chunk):
+            qi = q[:, :, i : i + query_chunk].reshape(b, hkv, h // hkv, -1, hd)
+            logits = torch.matmul(qi, kk.transpose(-1, -2)) * scale  # in q's dtype, as eager
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
+            heads = probs.reshape(b, h, -1, nk).float().mean(dim=1).to(q.dtype)
+            total += heads.float().sum(dim=1)
+    return (total / nq).to(q.dtype).float()
 
 
 def cls_attention(attn: torch.Tensor, cls_index: int = 0) -> torch.Tensor:
