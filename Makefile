@@ -4,9 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.holoprune-installed
-# CPU build of torch by default.  On a GPU machine, install a CUDA torch into
+# CPU build of torch by default: from the PyTorch CPU wheel index when it is
+# reachable, else from the default index (.ci/install_torch.sh says which, and
+# records it in .venv/.torch-index).  On a GPU machine, install a CUDA torch into
 # .venv first (README); an importable torch is never replaced.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: eval test lint bench sysdeps setup clean
 
@@ -18,7 +21,7 @@ sysdeps:
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || TORCH_SPEC="$(TORCH_SPEC)" TORCH_INDEX="$(TORCH_INDEX)" bash .ci/install_torch.sh $(PY)
 	$(PY) -m pip install --quiet -e ".[video,3d,dev]"
 	touch $(STAMP)
 
