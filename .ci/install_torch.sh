@@ -7,7 +7,7 @@
 set -euo pipefail
 PY="$1"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-TORCH_INDEX="${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+TORCH_INDEX="${TORCH_INDEX-https://download.pytorch.org/whl/cpu}"  # set but empty: default index
 RECORD="${TORCH_RECORD:-$(dirname "$(dirname "$PY")")/.torch-index}"
 
 reachable() {
@@ -22,7 +22,9 @@ except Exception:
 PYEOF
 }
 
-if [ -n "$TORCH_INDEX" ] && reachable "$TORCH_INDEX"; then
+if [ -z "$TORCH_INDEX" ]; then
+    echo "torch: TORCH_INDEX is empty; using the default index" >&2
+elif reachable "$TORCH_INDEX"; then
     echo "torch: installing $TORCH_SPEC from $TORCH_INDEX (the PyTorch CPU wheel index unless TORCH_INDEX is set)"
     if "$PY" -m pip install --quiet "$TORCH_SPEC" --index-url "$TORCH_INDEX"; then
         echo "$TORCH_INDEX" > "$RECORD"
