@@ -375,7 +375,6 @@ class VideoReduceHandle(MethodHandle):
                 self.model.__dict__.pop(name, None)
             else:
                 setattr(self.model, name, orig)
-        self.last = None
 
     # ------------------------------------------------------------------ shortening
     @torch.no_grad()
