@@ -56,10 +56,17 @@ def active_handle(module: nn.Module) -> MethodHandle | None:
 class MethodHandle:
     """Base of what every ``Method.apply(model)`` returns.
 
-    A subclass installs its patches, then calls :meth:`_claim` with the module
-    it patched (which removes a handle already active there), and implements
+    A subclass calls :meth:`_claim` with the module it patches (which removes
+    a handle already active there), installs its patches, and implements
     :meth:`_undo` (remove hooks, restore attributes). ``remove()`` calls
-    ``_undo`` once and releases the claim.
+    ``_undo`` once and releases the claim. Claim *before* patching when the
+    previous handle's ``_undo`` would restore the very attributes you patch
+    (replaced ``forward`` attributes); hooks may be installed in either order.
+
+    The registry holds handles weakly, so the installed patches must hold the
+    handle (hooks that are its bound methods or closures over it): an active
+    handle then lives exactly as long as its patches, and applying again
+    still finds and removes it after the caller dropped its reference.
     """
 
     model: nn.Module
