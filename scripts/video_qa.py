@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Multiple-choice video QA over a manifest, with token pruning methods side by side.
+
+    python scripts/video_qa.py        # synthetic videos + tiny random model + HoliTom + 2 baselines
+    python scripts/video_qa.py --manifest videomme.parquet --video-root DATA/videos \
+        --model /models/llava-onevision-qwen2-7b-ov-hf --frames 32 --device cuda \
+        --method holitom --retain-ratio 0.1,0.25 --method fastv --keep-ratio 0.25
+    torchrun --nproc-per-node 4 scripts/video_qa.py ...   # samples sharded, rank 0 merges
+
+Each ``--method NAME`` is followed by that method's parameters as flags
+(``--retain-ratio 0.1,0.25``: comma lists sweep). Rows go to OUT/rows.jsonl
+(a rerun resumes), the summary to OUT/summary.{json,md}, plots to OUT/plots/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from common.cli import configure_threads, setup_logging
+from common.runs import RunConfig, RunError, TrackRegistry, check_device, check_out_dir, run
+from video.qa import (
+    ManifestError,
+    VideoQAData,
+    VideoQAOptions,
+    VideoQATrack,
+    default_settings,
+    read_manifest,
+    split_method_args,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    data = p.add_argument_group("data (default: the generated synthetic set)")
+    data.add_argument("--manifest", type=Path, help="JSONL / JSON / CSV / parquet annotations")
+    data.add_argument("--video-root", type=Path, help="folder relative video paths start from")
+    data.add_argument("--answers", type=Path, help="separate answers file (EgoSchema)")
+    data.add_argument("--limit", type=int, help="first N samples only")
+    data.add_argument("--synthetic-root", type=Path, default=Path(".cache/synthetic_video_qa"))
+    data.add_argument("--synthetic-videos", type=int, default=6, help="videos (3 questions each)")
+    model = p.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        default="tiny-random-llava-onevision",
+        help="local Hugging Face folder, or tiny-random-llava-onevision / tiny-random-qwen2-vl",
+    )
+    model.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+    model.add_argument("--attn-implementation", help="sdpa, eager, flash_attention_2")
+    model.add_argument("--random-weights", action="store_true", help="say accuracy is meaningless")
+    model.add_argument("--frames", type=int, default=16, help="frames per video (uniform)")
+    model.add_argument("--fps", type=float, help="sample at this rate instead of --frames")
+    model.add_argument("--max-frames", type=int, help="cap on --fps sampling")
+    model.add_argument("--batch-size", type=int, default=1)
+    model.add_argument("--max-new-tokens", type=int, default=8)
+    run_group = p.add_argument_group("run")
+    run_group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    run_group.add_argument("--seed", type=int, default=0)
+    run_group.add_argument("--threads", type=int, default=None, help="CPU threads (0 = torch's)")
+    run_group.add_argument("--out", type=Path, default=Path("results/video_qa"))
+    run_group.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument(
+        "--method",
+        metavar="NAME",
+        help="a registered method, followed by its parameters as flags; repeat for more",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        rest, specs = split_method_args(argv, parser)
+    except ValueError as e:
+        parser.error(str(e))
+    args = parser.parse_args(rest)
+    setup_logging(args.verbose)
+    try:
+        configure_threads(args.threads)
+        check_out_dir(args.out)
+        check_device(args.device)
+        tiny = args.model.startswith("tiny-random-")
+        if not specs:
+            specs = default_settings(tiny)
+        options = VideoQAOptions(
+            model=args.model,
+            settings=tuple(specs),
+            frames=None if args.fps else args.frames,
+            fps=args.fps,
+            max_frames=args.max_frames,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            dtype=args.dtype,
+            attn_implementation=args.attn_implementation,
+            random_weights=tiny or args.random_weights,
+        )
+        VideoQATrack(options, None).settings()  # bad methods / parameters fail before any work
+        if args.manifest is None:
+            from video.synthetic import ensure_synthetic_video_qa
+
+            syn = ensure_synthetic_video_qa(
+                args.synthetic_root, num_videos=args.synthetic_videos, seed=args.seed
+            )
+            manifest, video_root = syn.manifest, syn.root
+        else:
+            manifest, video_root = args.manifest, args.video_root
+        samples = read_manifest(
+            manifest, video_root=video_root, answers=args.answers, limit=args.limit
+        )
+        ids = [s.id for s in samples]
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        data = VideoQAData({s.id: s for s in samples}, ids[rank::world])
+        summary = run(
+            RunConfig(
+                out=args.out,
+                tracks=[VideoQATrack.name],
+                device=args.device,
+                seed=args.seed,
+                visualize=False,
+                unit_name="sample",
+                name="video_qa",
+            ),
+            units=ids,
+            load_unit=data.samples.__getitem__,
+            registry=TrackRegistry({VideoQATrack.name: VideoQATrack}),
+            options={VideoQATrack.name: options},
+            data=data,
+        )
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except (ValueError, ManifestError) as e:  # bad option values, named by their field
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if summary is None:  # a torchrun rank other than 0
+        return 0
+    print(summary.markdown)
+    problem = summary.problem()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    print(f"results: {summary.out}/ ({', '.join(summary.files)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
