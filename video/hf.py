@@ -143,105 +143,6 @@ def _call_filtered(fn: Callable, **kwargs: Any) -> Any:
     return fn(**{k: v for k, v in kwargs.items() if k in params and v is not None})
 
 
-def _siglip_layer(model: nn.Module, feature_layer: Any) -> nn.Module:
-    tower = model.model.vision_tower
-    tower = getattr(tower, "vision_model", tower)  # SiglipVisionModel or its transformer
-    layers = tower.encoder.layers
-    idx = feature_layer if isinstance(feature_layer, int) else feature_layer[-1]
-    # hidden_states[i] is the output of layers[i - 1] (hidden_states[0]: the embeddings)
-    return layers[idx] if idx < 0 else layers[idx - 1]
-
-
-def _attention_received(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """``[n, H, P, hd]`` q/k -> ``[n, P]`` mean attention received (heads, then queries)."""
-    out = []
-    for i in range(q.shape[0]):  # one frame at a time: P x P x H floats, never all frames
-        w = torch.softmax((q[i] @ k[i].transpose(-1, -2)).float() * scale, dim=-1)
-        out.append(w.mean(dim=(0, 1)))
-    return torch.stack(out)
-
-
-class _SiglipAttention:
-    """Mean attention received at the last used SigLIP layer, recomputed from its own q/k.
-
-    A forward pre-hook on that one layer keeps its input; the attention is
-    recomputed from ``layer_norm1`` -> ``q_proj`` / ``k_proj`` (so the tower
-    keeps its SDPA / FlashAttention path and no layer's map is stored).
-    """
-
-    def __init__(self, layer: nn.Module) -> None:
-        self.layer = layer
-        self.hidden: Tensor | None = None
-        self._h = layer.register_forward_pre_hook(self._keep, with_kwargs=True)
-
-    def _keep(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.hidden = args[0] if args else kwargs.get("hidden_states")
-
-    def close(self) -> None:
-        self._h.remove()
-
-    @torch.no_grad()
-    def received(self) -> Tensor:
-        """``[BF, P]``."""
-        assert self.hidden is not None, "the vision layer did not run"
-        attn = self.layer.self_attn
-        x = self.layer.layer_norm1(self.hidden)
-        n, p, _ = x.shape
-        heads = attn.num_heads
-        q = attn.q_proj(x).view(n, p, heads, -1).transpose(1, 2)
-        k = attn.k_proj(x).view(n, p, heads, -1).transpose(1, 2)
-        return _attention_received(q, k, float(attn.scale))
-
-
-class _QwenVisionAttention:
-    """Mean attention received at the last vision block of Qwen2(.5)-VL, per merged token.
-
-    Recomputed from the block's ``norm1`` -> ``qkv`` + its 2D rotary, within
-    each attention segment (``cu_seqlens``), averaged over heads and queries,
-    then over the ``merge^2`` patches that form one LLM token.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        visual = model.model.visual
-        self.block = visual.blocks[-1]
-        self.merge = int(visual.spatial_merge_size) ** 2
-        self.saved: tuple[Tensor, dict] | None = None
-        self._h = self.block.register_forward_pre_hook(self._keep, with_kwargs=True)
-
-    def _keep(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        self.saved = (hidden, dict(kwargs))
-
-    def close(self) -> None:
-        self._h.remove()
-
-    @torch.no_grad()
-    def received(self) -> Tensor:
-        """``[S / merge^2]`` over all videos of the call."""
-        assert self.saved is not None, "the vision block did not run"
-        hidden, kwargs = self.saved
-        attn = self.block.attn
-        x = self.block.norm1(hidden)
-        s = x.shape[0]
-        heads = attn.num_heads
-        q, k, _ = attn.qkv(x).reshape(s, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
-        pe = kwargs.get("position_embeddings")
-        if pe is not None:
-            import sys
-
-            mod = sys.modules[type(attn).__module__]
-            rot = mod.apply_rotary_pos_emb_vision
-            q, k = rot(q, k, *pe)
-        cu = kwargs.get("cu_seqlens")
-        bounds = cu.tolist() if isinstance(cu, Tensor) else [0, s]
-        out = torch.empty(s, dtype=torch.float32, device=x.device)
-        scale = float(getattr(attn, "scaling", q.shape[-1] ** -0.5))
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            qa, ka = q[a:b].transpose(0, 1), k[a:b].transpose(0, 1)  # [H, n, hd]
-            out[a:b] = _attention_received(qa[None], ka[None], scale)[0]
-        return out.view(-1, self.merge).mean(-1)
-
-
 # ----------------------------------------------------------------------------- features
 
 
@@ -259,20 +160,25 @@ def _llava_videos(model: nn.Module, kwargs: dict, need_attention: bool) -> _Vide
     pv = kwargs["pixel_values_videos"]
     layer = kwargs.get("vision_feature_layer") or cfg.vision_feature_layer
     strategy = kwargs.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
-    hook = _SiglipAttention(_siglip_layer(model, layer)) if need_attention else None
+    hook = None
+    if need_attention:
+        from video.vision_attention import layer_for_feature_layer, record_vision_attention
+
+        last = layer if isinstance(layer, int) else layer[-1]
+        hook = record_vision_attention(inner.vision_tower, layer_for_feature_layer(last))
     try:
         out = inner.get_video_features(
             pv, vision_feature_layer=layer, vision_feature_select_strategy=strategy
         )
     finally:
         if hook is not None:
-            hook.close()
+            hook.remove()
     feats = getattr(out, "pooler_output", out)
     b, f = pv.shape[:2]
     feats = feats[:, :-1].reshape(b, f, -1, feats.shape[-1])  # drop the trailing newline
     attention: list[Tensor | None] = [None] * b
     if hook is not None:
-        recv = hook.received()  # [B*F, P] (+1 for a CLS-style token under "default")
+        recv = hook.pop()  # [B*F, P] (+1 for a CLS-style token under "default")
         if strategy == "default":
             recv = recv[:, 1:]
         side = int(math.isqrt(recv.shape[1]))
@@ -286,18 +192,25 @@ def _llava_videos(model: nn.Module, kwargs: dict, need_attention: bool) -> _Vide
 def _qwen_videos(model: nn.Module, kwargs: dict, need_attention: bool) -> _Videos:
     inner = model.model
     grid = kwargs["video_grid_thw"]
-    hook = _QwenVisionAttention(model) if need_attention else None
+    hook = None
+    if need_attention:
+        from video.vision_attention import record_vision_attention
+
+        hook = record_vision_attention(inner.visual, -1)
     try:
         out = inner.get_video_features(kwargs["pixel_values_videos"], grid)
     finally:
         if hook is not None:
-            hook.close()
+            hook.remove()
     feats = getattr(out, "pooler_output", out)
     if isinstance(feats, Tensor):
         sizes = (grid.prod(-1) // inner.visual.spatial_merge_size**2).tolist()
         feats = feats.split(sizes)
     merge = int(inner.visual.spatial_merge_size)
-    recv = hook.received().split([int(x.shape[0]) for x in feats]) if hook is not None else None
+    recv = None
+    if hook is not None:  # per patch -> per LLM token (the merger's merge^2 consecutive patches)
+        per_token = hook.pop().view(-1, merge * merge).mean(-1)
+        recv = per_token.split([int(x.shape[0]) for x in feats])
     videos, attention, hw = [], [], []
     for i, (x, (t, h, w)) in enumerate(zip(feats, grid.tolist())):
         n = (h // merge) * (w // merge)
