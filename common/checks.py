@@ -100,6 +100,7 @@ def budget(
     name: str = "keep",
     rounding: str = "round",
     at_least_one: bool = True,
+    tol: float = 1e-9,
 ) -> int:
     """Number of tokens out of ``n`` that a ratio or a count stands for: the one rule.
 
@@ -109,8 +110,10 @@ def budget(
 
     - ``"round"``: Python ``round`` (half to even: ``round(2.5) == 2``);
       FastV, PDrop, HoliTom's static / inner-LLM counts;
-    - ``"ceil"`` / ``"floor"``: with a 1e-9 tolerance, so ``0.3 * 10`` is 3
-      (HoliTom's dynamic tokens, TSP3D's keep ratios use ``"ceil"``);
+    - ``"ceil"`` / ``"floor"``: with a tolerance ``tol`` (default 1e-9), so
+      ``100 * 0.07`` gives 7 (TSP3D's keep ratios use ``"ceil"``); ``tol=0``
+      is ``math.ceil(n * keep)`` as official code writes it (HoliTom's dynamic
+      tokens: ``100 * 0.07 = 7.000000000000001`` gives 8 there);
     - ``"trunc"``: ``int(n * keep)`` exactly as written in the official code,
       without tolerance (FastVGGT's ``r``, AdaToken-3D's counts).
 
@@ -124,12 +127,14 @@ def budget(
     if isinstance(keep, int):
         return check_count(name, keep, high=n)
     check_ratio(name, keep, allow_zero=True)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
+        raise ValueError(f"tol must be a number in [0, 1), got {tol!r}")
     if rounding == "round":
         k = round(n * keep)
     elif rounding == "ceil":
-        k = math.ceil(n * keep - 1e-9)
+        k = math.ceil(n * keep - tol)
     elif rounding == "floor":
-        k = math.floor(n * keep + 1e-9)
+        k = math.floor(n * keep + tol)
     elif rounding == "trunc":
         k = int(n * keep)
     else:

@@ -68,8 +68,10 @@ def test_budget():
     assert budget(0, 0.5) == 0
     assert budget(10, 0) == 0 and budget(10, 10) == 10  # ints are exact counts
     assert budget(10, 0.0) == 0  # zero means none as a ratio too (one rule)
-    assert budget(10, 0.3, rounding="ceil") == 3  # 0.3 * 10 = 3.0000000000000004
-    assert budget(10, 0.7, rounding="floor") == 7  # 0.7 * 10 = 7.000000000000001
+    assert budget(100, 0.07, rounding="ceil") == 7  # 100 * 0.07 = 7.000000000000001
+    assert budget(100, 0.29, rounding="floor") == 29  # 100 * 0.29 = 28.999999999999996
+    assert budget(100, 0.07, rounding="ceil", tol=0.0) == 8  # math.ceil as official code has it
+    assert budget(100, 0.29, rounding="floor", tol=0.0) == 28
     assert budget(29, 0.9, rounding="trunc") == 26  # int(26.1), FastVGGT's r
     assert budget(10, 0.05, rounding="trunc", at_least_one=False) == 0
     assert budget(10, 0.05, rounding="trunc") == 1
@@ -84,6 +86,8 @@ def test_budget():
         budget(10, True)
     with pytest.raises(ValueError, match="rounding"):
         budget(10, 0.5, rounding="up")
+    with pytest.raises(ValueError, match="tol"):
+        budget(10, 0.5, rounding="ceil", tol=-1e-9)
 
 
 def test_top_r_is_stable_on_ties():

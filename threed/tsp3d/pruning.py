@@ -21,11 +21,12 @@ Both follow GWxuan/TSP3D ``models/multilevel_head.py`` (``TSPHead``):
 from __future__ import annotations
 
 import logging
-import math
 from copy import deepcopy
 
 import torch
 from torch import Tensor, nn
+
+from common.checks import budget
 
 from .sparse import features_at, interpolate_coarse, lookup, make_tensor, select
 
@@ -306,7 +307,7 @@ class TextGuidedPruning(nn.Module):
             mask = torch.zeros_like(keep_prob, dtype=torch.bool)
             for b in torch.unique(bidx):
                 rows = torch.nonzero(bidx == b).squeeze(1)
-                k = max(1, math.ceil(keep_ratio * rows.numel() - 1e-9))
+                k = budget(rows.numel(), float(keep_ratio), name="keep_ratio", rounding="ceil")
                 mask[rows[torch.topk(keep_prob[rows], k).indices]] = True
             return select(x, mask), mask
         mask = keep_prob > thr
