@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="base voxel in metres (official 0.01; default 0.02 for CPU)",
     )
     p.add_argument("--points", type=int, default=50_000, help="points per scene (official 50k)")
+    p.add_argument(
+        "--scene-objects",
+        choices=("official", "no_structure"),
+        default="official",
+        help="objects of the 64 cm keep targets: every instance incl. walls / floor / "
+        "ceiling, up to 132 (official), or without the structure (the earlier rule)",
+    )
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -91,18 +98,26 @@ def main(argv: list[str] | None = None) -> int:
             save_every=args.save_every,
             decay_steps=tuple(int(s) for s in args.decay_steps.split(",") if s),
         )
-        samples = samples_from_scanrefer(refer, root, scenes, args.points, args.seed)
+        samples = samples_from_scanrefer(
+            refer, root, scenes, args.points, args.seed, scene_objects=args.scene_objects
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{len(samples)} referring expressions from {len({s.scene_id for s in samples})} scenes")
     last = args.out / "last.pt"
-    if last.exists() and not args.no_resume:
-        model, _ = load_grounder(last, args.text_encoder)
-    else:
-        model = TSP3DGrounder(
-            TSP3DConfig(voxel_size=args.voxel_size), TextEncoder(args.text_encoder, seed=args.seed)
-        )
+    try:
+        if last.exists() and not args.no_resume:
+            model, ck = load_grounder(last, args.text_encoder)
+            print(f"resuming from {last} at step {ck['step']} of {args.steps}")
+        else:
+            model = TSP3DGrounder(
+                TSP3DConfig(voxel_size=args.voxel_size),
+                TextEncoder(args.text_encoder, seed=args.seed),
+            )
+    except (OSError, ValueError) as e:  # missing encoder folder, not a checkpoint, ...
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     model.to(args.device)
     hist = train(
         model,

@@ -222,3 +222,39 @@ def test_fallback_warning_goes_above_a_tqdm_bar(capsys):
     assert "TGP: no voxel" in err and m.tgp_scene.num_fallbacks >= 1
     line = next(ln for ln in err.splitlines() if "TGP: no voxel" in ln)
     assert "bar" not in line  # on its own line, not glued into the bar
+
+
+# ------------------------------------------------------------------ the training script
+@pytest.mark.slow
+def test_train_script_errors_and_resume(tmp_path, capsys):
+    """scripts/train_grounding.py: a missing --text-encoder folder is one line and exit 2;
+    a rerun resumes and says where (the bar counts on from the checkpoint)."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("open3d")
+    pytest.importorskip("PIL")
+    from threed.scannet import ensure_synthetic
+
+    spec = importlib.util.spec_from_file_location(
+        "train_grounding", Path(__file__).parents[2] / "scripts" / "train_grounding.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    syn = ensure_synthetic(
+        tmp_path / "syn", num_scenes=1, seed=0, num_frames=1, image_size=(32, 24)
+    )
+    base = [
+        "--scannet-root", str(syn.scannet_root), "--scanrefer", str(syn.scanrefer_path),
+        "--points", "1500", "--voxel-size", "0.04", "--save-every", "1",
+        "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    assert script.main([*base, "--steps", "1", "--text-encoder", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "folder not found" in err and "Traceback" not in err
+    assert script.main([*base, "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert script.main([*base, "--steps", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "resuming from" in out and "at step 1 of 2" in out
+    assert "1/2" in err and "0/1" not in err
