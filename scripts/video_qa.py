@@ -26,6 +26,7 @@ from video.qa import (
     VideoQAData,
     VideoQAOptions,
     VideoQATrack,
+    check_model,
     default_settings,
     read_manifest,
     split_method_args,
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         configure_threads(args.threads)
         check_out_dir(args.out)
         check_device(args.device)
+        check_model(args.model)
         tiny = args.model.startswith("tiny-random-")
         if not specs:
             specs = default_settings(tiny)

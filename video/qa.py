@@ -42,6 +42,7 @@ __all__ = [
     "LETTERS",
     "ManifestError",
     "VideoQAData",
+    "check_model",
     "default_settings",
     "split_method_args",
     "PrefillMeter",
@@ -359,6 +360,36 @@ def _lenient_processor(processor_cls: type) -> type:
     return _lenient(processor_cls)
 
 
+_MODEL_CLASSES = {
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+
+
+def check_model(spec: str) -> str:
+    """The model type of ``spec`` (a tiny name or a local HF folder); ``ValueError`` when
+    it cannot be loaded here (before a run starts, not once per sample)."""
+    from video.tiny import TINY_MODELS
+
+    if spec in TINY_MODELS:
+        return "llava_onevision" if "llava" in spec else "qwen2_vl"
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(
+            f"--model {spec!r}: not a local folder and not one of {', '.join(TINY_MODELS)}"
+        )
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model {spec}: no config.json (not a Hugging Face model folder)")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type not in _MODEL_CLASSES:
+        raise ValueError(
+            f"--model {spec}: model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(_MODEL_CLASSES)})"
+        )
+    return model_type
+
+
 def load_model(
     spec: str,
     *,
@@ -383,33 +414,18 @@ def load_model(
             kwargs["attn_implementation"] = attn_implementation
         model, processor = build_tiny(spec, **kwargs)
         return model.to(device=device, dtype=dtype or torch.float32), processor
+    model_type = check_model(spec)
     path = Path(spec)
-    if not path.is_dir():
-        raise ValueError(
-            f"--model {spec!r}: not a local folder and not one of {', '.join(TINY_MODELS)}"
-        )
     import transformers
-    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    classes = {
-        "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-        "qwen2_vl": "Qwen2VLForConditionalGeneration",
-        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    }
-    if config.model_type not in classes:
-        raise ValueError(
-            f"--model {spec}: model_type {config.model_type!r} is not supported "
-            f"(supported: {', '.join(classes)})"
-        )
-    cls = getattr(transformers, classes[config.model_type])
+    cls = getattr(transformers, _MODEL_CLASSES[model_type])
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = cls.from_pretrained(path, **kwargs).to(device).eval()
-    processor = _load_processor(path, config.model_type)
+    processor = _load_processor(path, model_type)
     if getattr(processor, "tokenizer", None) is not None:
         processor.tokenizer.padding_side = "left"  # batched generation
     return model, processor
