@@ -181,6 +181,8 @@ def attention_rows(
     keys = torch.arange(length, device=logits.device)
     allowed = keys[None, None, :] <= q_pos[:, :, None]  # [B, Nq, L] causal
     if attention_mask is not None:
+        # transformers 4.4x may build one key column more than the sequence (no 2D mask given)
+        attention_mask = attention_mask[..., :length]
         if attention_mask.ndim == 4:
             rows = attention_mask.expand(b, -1, length, -1)[:, 0]  # [B, L, L]
             rows = _gather_seq(rows, q_pos)  # [B, Nq, L]

@@ -227,7 +227,7 @@ class EngineHandle(MethodHandle):
         self._stage_of = {layer_idx: i for i, layer_idx in enumerate(layers)}
         self._first = layers[0]
         for idx in range(self._first, self.num_layers):
-            if getattr(self.layers[idx].self_attn, "sliding_window", None) is not None:
+            if versions.sliding_window_layer(self.decoder, self.layers[idx], idx):
                 # a sliding-window KV cache keeps the last W-1 *kept* tokens while the decode
                 # mask transformers builds assumes the last W-1 original ones
                 raise NotImplementedError(
@@ -378,7 +378,7 @@ class EngineHandle(MethodHandle):
         self._state = None
         self.last_plan = None  # describes this prefill once a stage prunes, else stays None
         cache = versions.layer_cache(kwargs)
-        if cache is not None and getattr(cache, "is_compileable", False):
+        if versions.is_static_cache(cache):
             raise NotImplementedError(
                 "the engine needs a dynamic KV cache (DynamicCache); static / compilable caches "
                 "cannot hold a different length per layer"
@@ -697,6 +697,10 @@ class EngineHandle(MethodHandle):
         q = hidden.shape[1]
         past = versions.cache_length(cache, idx)
         mask = kwargs.get("attention_mask")
+        full_now = versions.cache_length(cache, 0)  # layer 0 already holds this step's keys
+        if isinstance(mask, Tensor) and full_now and mask.shape[-1] > full_now:
+            # transformers 4.4x builds one key column more when no 2D mask is given
+            mask = mask[..., :full_now]
         # keyed by the mask object too: hybrid models pass a different mask to some layers
         key = (self._call, -1 - no, id(mask))
         if key not in self._memo:
@@ -707,6 +711,8 @@ class EngineHandle(MethodHandle):
                     sliced, stage.valid, q, past + q, dtype=hidden.dtype, flash=self._flash
                 )
             if "attention_mask" in kwargs or stage.padded:
+                out["attention_mask"] = sliced
+            elif sliced is not None:
                 out["attention_mask"] = sliced
             if self._reindex:
                 assert stage.shift is not None

@@ -56,8 +56,10 @@ __all__ = [
     "attn_implementation",
     "check_supported",
     "inner_rotary",
+    "is_static_cache",
     "layer_cache",
     "rotary_embeddings",
+    "sliding_window_layer",
     "transformers_version",
     "uses_mrope",
 ]
@@ -139,6 +141,32 @@ def cache_length(cache: Any, layer_idx: int) -> int:
         return int(cache.get_seq_length(layer_idx))
     except (TypeError, AttributeError, IndexError):
         return 0
+
+
+def is_static_cache(cache: Any) -> bool:
+    """A cache with one preallocated length for every layer (static, hybrid, sliding-window)."""
+    if cache is None:
+        return False
+    if getattr(cache, "is_compileable", False):
+        return True
+    name = type(cache).__name__
+    return any(k in name for k in ("Static", "Hybrid", "SlidingWindow"))
+
+
+def sliding_window_layer(decoder: nn.Module, layer: nn.Module, idx: int) -> bool:
+    """Whether layer ``idx`` attends through a sliding window.
+
+    5.x marks it on the attention (``sliding_window``) and in
+    ``config.layer_types``; before, Qwen2's config switch ``use_sliding_window``
+    applies the window in the mask (4.37: to every layer), so it counts for all.
+    """
+    if getattr(getattr(layer, "self_attn", None), "sliding_window", None) is not None:
+        return True
+    cfg = getattr(decoder, "config", None)
+    types = getattr(cfg, "layer_types", None)
+    if isinstance(types, (list, tuple)) and idx < len(types):
+        return types[idx] == "sliding_attention"
+    return bool(getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None))
 
 
 def attn_implementation(decoder: nn.Module) -> str:

@@ -8,10 +8,25 @@ padding on sample 1; ``spans`` is the per-sample list of the prunable
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 
-KINDS = ("qwen2", "llama", "llava_ov", "qwen2_vl")
+from common.engine.versions import MODEL_MIN_VERSION, transformers_version
+
+KINDS = ("qwen2", "llama", "llava_ov", "qwen2_vl", "qwen2_5_vl")
 IMPLS = ("sdpa", "eager")
+TF = transformers_version() or (0, 0, 0)
+# what a model forward calls its cache argument
+CACHE_KW = "cache" if TF >= (5, 0, 0) else "past_key_values"
+_MODEL_TYPE = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "llava_ov": "llava_onevision",
+    "qwen2_vl": "qwen2_vl",
+    "qwen2_5_vl": "qwen2_5_vl",
+}
 IMAGE_ID = 100
 VOCAB = 120
 PAD = 0
@@ -65,8 +80,59 @@ def _text_batch(seed: int, n_image: int = 12):
     return ids, mask
 
 
+def require(kind: str) -> None:
+    """Skip when the installed transformers has no (supported) class for ``kind``."""
+    need = MODEL_MIN_VERSION[_MODEL_TYPE[kind]]
+    if TF < need:
+        pytest.skip(f"{kind} needs transformers >= {'.'.join(map(str, need))}")
+
+
+def cache_of(out):
+    """The cache a forward returned (``cache`` on 5.x, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def generate(model, new: int, **kwargs):
+    """Greedy ``generate`` returning ``.sequences`` and per-step ``.logits``.
+
+    transformers 4.37 has no ``output_logits``; with greedy decoding and no
+    logits processor its ``scores`` are the raw logits.
+    """
+    with torch.no_grad():
+        if TF >= (4, 38, 0):
+            out = model.generate(
+                **kwargs,
+                max_new_tokens=new,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
+            return SimpleNamespace(sequences=out.sequences, logits=out.logits)
+        out = model.generate(
+            **kwargs,
+            max_new_tokens=new,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+        return SimpleNamespace(sequences=out.sequences, logits=out.scores)
+
+
+def _set_impl(model, impl: str):
+    """Older composite configs do not pass ``attn_implementation`` to their parts."""
+    for mod in model.modules():
+        cfg = getattr(mod, "config", None)
+        if cfg is not None and getattr(cfg, "_attn_implementation", impl) != impl:
+            raise RuntimeError(f"{type(mod).__name__} runs {cfg._attn_implementation}, not {impl}")
+    return model
+
+
 def build(kind: str, impl: str, seed: int = 0, layers: int = 4):
     """A tiny model of ``kind`` with ``attn_implementation=impl`` and a padded batch of 2."""
+    require(kind)
     torch.manual_seed(seed)
     text = dict(_TEXT, num_hidden_layers=layers)
     if kind in ("qwen2", "llama"):
@@ -99,16 +165,34 @@ def build(kind: str, impl: str, seed: int = 0, layers: int = 4):
             image_grid_pinpoints=[[28, 28]],
             attn_implementation=impl,
         )
-        model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+        if TF < (5, 0, 0):
+            cfg.text_config._attn_implementation_internal = impl
+            cfg.vision_config._attn_implementation_internal = impl
+        model = _set_impl(LlavaOnevisionForConditionalGeneration(cfg).eval(), impl)
         gen = torch.Generator().manual_seed(seed)
         pixel_values = torch.rand(2, 2, 3, 28, 28, generator=gen)  # base view + 1 tile each
         image_sizes = torch.tensor([[28, 28], [28, 28]])
         with torch.no_grad():
-            feats = model.model.get_image_features(
-                pixel_values=pixel_values[:1], image_sizes=image_sizes[:1]
-            )
-        feats = getattr(feats, "pooler_output", feats)
-        n_image = int(feats[0].shape[0])
+            if hasattr(getattr(model, "model", None), "get_image_features"):
+                feats = model.model.get_image_features(
+                    pixel_values=pixel_values[:1], image_sizes=image_sizes[:1]
+                )
+                feats = getattr(feats, "pooler_output", feats)
+                n_image = int(feats[0].shape[0])
+            else:  # 4.45 - 4.51: features, then packing with newlines
+                feats = model.get_image_features(
+                    pixel_values[:1],
+                    image_sizes[:1],
+                    vision_feature_layer=cfg.vision_feature_layer,
+                    vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                )
+                feats, _ = model.pack_image_features(
+                    feats,
+                    image_sizes[:1],
+                    image_newline=model.image_newline,
+                    vision_aspect_ratio=cfg.vision_aspect_ratio,
+                )
+                n_image = int(feats.shape[0])
         ids, mask = _left_pad([_prompt(gen, n_image, 3, 5), _prompt(gen, n_image, 1, 4)])
         inputs = {
             "input_ids": ids,
@@ -117,30 +201,62 @@ def build(kind: str, impl: str, seed: int = 0, layers: int = 4):
             "image_sizes": image_sizes,
         }
         return model, inputs, _spans(ids)
-    if kind == "qwen2_vl":
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    if kind in ("qwen2_vl", "qwen2_5_vl"):
+        if kind == "qwen2_vl":
+            from transformers import Qwen2VLConfig as Cfg
+            from transformers import Qwen2VLForConditionalGeneration as Model
 
-        vision = dict(
-            depth=1,
-            embed_dim=32,
-            hidden_size=32,
-            num_heads=2,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            in_channels=3,
-        )
-        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
-        cfg = Qwen2VLConfig(
-            vision_config=vision,
-            text_config=dict(text, rope_parameters=rope),
+            vision = dict(
+                depth=1,
+                embed_dim=32,
+                hidden_size=32,
+                num_heads=2,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                in_channels=3,
+            )
+        else:
+            from transformers import Qwen2_5_VLConfig as Cfg
+            from transformers import Qwen2_5_VLForConditionalGeneration as Model
+
+            vision = dict(
+                depth=1,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=32,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                in_channels=3,
+                window_size=56,
+                fullatt_block_indexes=[0],
+            )
+        ids_cfg = dict(
             image_token_id=IMAGE_ID,
             video_token_id=IMAGE_ID + 1,
             vision_start_token_id=IMAGE_ID + 2,
             vision_end_token_id=IMAGE_ID + 3,
-            attn_implementation=impl,
         )
-        model = Qwen2VLForConditionalGeneration(cfg).eval()
+        if TF >= (5, 0, 0):
+            rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
+            cfg = Cfg(
+                vision_config=vision,
+                text_config=dict(text, rope_parameters=rope),
+                attn_implementation=impl,
+                **ids_cfg,
+            )
+        else:  # 4.45 - 4.5x: text fields at the top level, M-RoPE in rope_scaling
+            cfg = Cfg(
+                **text,
+                vision_config=vision,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+                rope_theta=10000.0,
+                attn_implementation=impl,
+                **ids_cfg,
+            )
+        model = _set_impl(Model(cfg).eval(), impl)
         gen = torch.Generator().manual_seed(seed)
         grid = torch.tensor([[1, 6, 8], [1, 6, 8]])  # 48 patches -> 12 tokens per image
         n_image = 12
@@ -153,8 +269,9 @@ def build(kind: str, impl: str, seed: int = 0, layers: int = 4):
             "attention_mask": mask,
             "pixel_values": pixel_values,
             "image_grid_thw": grid,
-            "mm_token_type_ids": (ids == IMAGE_ID).to(torch.int32),
         }
+        if TF >= (5, 0, 0):
+            inputs["mm_token_type_ids"] = (ids == IMAGE_ID).to(torch.int32)
         return model, inputs, _spans(ids)
     raise ValueError(kind)
 
@@ -177,3 +294,42 @@ def hook_snapshot(model: torch.nn.Module) -> list[tuple[str, int, int, int, int]
 
 def attr_snapshot(model: torch.nn.Module) -> list[tuple[str, tuple[str, ...]]]:
     return [(name, tuple(sorted(vars(mod)))) for name, mod in model.named_modules()]
+
+
+def run_layer(decoder, layer, h, mask, pos):
+    """One decoder layer by hand on ``h [B, n, D]`` with positions ``pos [B, n]`` (or M-RoPE).
+
+    Rotary as the installed transformers does it: from the decoder's rotary
+    module (>= 4.45), or inside the attention (4.37), whose table is then made
+    long enough for the largest position (it is built from the sequence length).
+    """
+    from common.engine.versions import inner_rotary
+
+    inner = inner_rotary(layer)
+    if inner is None:
+        pe = decoder.rotary_emb(h, pos)
+        out = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos)
+    else:
+        need = int(pos.max()) + 1
+
+        def longer(mod, args, kwargs):
+            return args, dict(kwargs, seq_len=max(kwargs.get("seq_len") or 0, need))
+
+        hook = inner.register_forward_pre_hook(longer, with_kwargs=True)
+        try:
+            out = layer(h, attention_mask=mask, position_ids=pos)
+        finally:
+            hook.remove()
+    return out[0] if isinstance(out, tuple) else out
+
+
+def lm_logits(model, decoder, h):
+    """Final norm and LM head."""
+    return model.get_output_embeddings()(decoder.norm(h))
+
+
+def cache_len(cache, layer: int) -> int:
+    """Tokens cached for ``layer`` (a Cache object, or 4.37's legacy tuple of (k, v))."""
+    if isinstance(cache, (tuple, list)):
+        return int(cache[layer][0].shape[-2])
+    return int(cache.get_seq_length(layer))

@@ -16,7 +16,7 @@ from common.engine import (
     span_mask,
     spans_from_token_id,
 )
-from tests.engine._tiny import IMAGE_ID, build, hook_snapshot
+from tests.engine._tiny import CACHE_KW, IMAGE_ID, TF, build, cache_len, cache_of, hook_snapshot
 
 
 @pytest.mark.parametrize(
@@ -209,13 +209,18 @@ def test_beam_search_and_no_cache_generation_run():
 
 
 def test_static_cache_is_refused():
+    if TF < (4, 38, 0):
+        pytest.skip("StaticCache arrived in transformers 4.38")
     from transformers import StaticCache
 
     model, inputs, spans = build("qwen2", "sdpa")
-    cache = StaticCache(config=model.config, max_cache_len=64)
+    try:
+        cache = StaticCache(config=model.config, max_cache_len=64)
+    except TypeError:  # 4.4x: the batch size is part of the signature
+        cache = StaticCache(config=model.config, max_batch_size=2, max_cache_len=64)
     with FastV(layer=1, keep_ratio=0.5).apply(model, spans=spans):
         with pytest.raises(NotImplementedError, match="DynamicCache"):
-            model(**inputs, cache=cache)
+            model(**inputs, **{CACHE_KW: cache})
 
 
 def test_handles_do_not_keep_models_alive():
@@ -243,8 +248,8 @@ def test_several_spans_per_sample():
     span_set = set(range(4, 8)) | set(range(10, 16))
     for row in keep.tolist():
         assert set(range(length)) - span_set <= set(row)
-    cache = getattr(out, "cache", None) or out.past_key_values
-    assert cache.get_seq_length(0) == length and cache.get_seq_length(3) == length - 6
+    cache = cache_of(out)
+    assert cache_len(cache, 0) == length and cache_len(cache, 3) == length - 6
 
 
 def test_manual_decode_loop_matches_generate():
@@ -255,10 +260,11 @@ def test_manual_decode_loop_matches_generate():
     with FastV(layer=2, keep_ratio=0.3).apply(model, spans=span), torch.no_grad():
         ref = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
         out = model(input_ids=ids, use_cache=True)
-        cache = getattr(out, "cache", None) or out.past_key_values
+        cache = cache_of(out)
         tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
         for _ in range(3):
-            out = model(input_ids=tokens[-1], cache=cache, use_cache=True)
+            out = model(input_ids=tokens[-1], **{CACHE_KW: cache}, use_cache=True)
+            cache = cache_of(out)  # 4.37 hands back a new (legacy) cache each step
             tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
     assert torch.equal(torch.cat(tokens, 1), ref[:, ids.shape[1] :])
 

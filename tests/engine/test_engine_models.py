@@ -6,28 +6,26 @@ import pytest
 import torch
 
 from common.engine import FastV, PDrop
-from tests.engine._tiny import IMPLS, KINDS, attr_snapshot, build, hook_snapshot
+from tests.engine._tiny import (
+    IMPLS,
+    KINDS,
+    attr_snapshot,
+    build,
+    cache_len,
+    cache_of,
+    generate,
+    hook_snapshot,
+)
 
 CASES = [(k, i) for k in KINDS for i in IMPLS]
 NEW = 4
 
 
-def _cache_of(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
+_cache_of = cache_of
 
 
 def _greedy(model, inputs, **kw):
-    with torch.no_grad():
-        return model.generate(
-            **inputs,
-            max_new_tokens=NEW,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-            **kw,
-        )
+    return generate(model, NEW, **inputs, **kw)
 
 
 @pytest.mark.parametrize("kind,impl", CASES)
@@ -79,7 +77,7 @@ def test_pruning_shortens_cache_keeps_text_and_generates(kind, impl):
         cache = _cache_of(out)
         for layer in range(4):
             want = length if layer < 2 else length - span_len + k
-            assert cache.get_seq_length(layer) == want
+            assert cache_len(cache, layer) == want
         assert out.logits.shape[1] == length - span_len + k
         keep = handle.last_plan["keep_idx"][2]
         assert keep.shape == (b, length - span_len + k)
@@ -115,7 +113,7 @@ def test_pdrop_stages(kind, impl):
         k1 = round(span_len * 0.5)
         k2 = round(k1 * 0.5)
         cache = _cache_of(out)
-        lens = [cache.get_seq_length(i) for i in range(4)]
+        lens = [cache_len(cache, i) for i in range(4)]
         assert lens == [
             length,
             length - span_len + k1,

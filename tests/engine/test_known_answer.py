@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common.engine import FastV, PDrop
-from tests.engine._tiny import build
+from tests.engine._tiny import build, generate, lm_logits, run_layer
 
 NEW = 5
 
@@ -35,9 +35,8 @@ def _reference_logits(model, ids, attn2d, stages):
         p = pos.gather(1, cur)
         allowed = (cur[:, None, :] <= cur[:, :, None]) & valid.gather(1, cur)[:, None, :]
         mask = torch.where(allowed, 0.0, torch.finfo(h.dtype).min)[:, None]
-        pe = dec.rotary_emb(h, p)
-        h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=p)
-    return model.lm_head(dec.norm(h))
+        h = run_layer(dec, layer, h, mask, p)
+    return lm_logits(model, dec, h)
 
 
 def _run(kind, impl, method, batch):
@@ -46,15 +45,7 @@ def _run(kind, impl, method, batch):
     spans = spans[:batch]
     lp = ids.shape[1]
     with method.apply(model, spans=spans) as handle, torch.no_grad():
-        gen = model.generate(
-            input_ids=ids,
-            attention_mask=attn,
-            max_new_tokens=NEW,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-        )
+        gen = generate(model, NEW, input_ids=ids, attention_mask=attn)
         plan = dict(handle.last_plan["keep_idx"])
     seq = gen.sequences
     full_attn = torch.cat([attn, torch.ones(attn.shape[0], NEW, dtype=attn.dtype)], 1)
@@ -150,9 +141,8 @@ def test_vlm_pruned_prefill_matches_explicit_reference(kind, impl):
                 cur = plan[layer_idx]
             allowed = (cur[:, None, :] <= cur[:, :, None]) & valid.gather(1, cur)[:, None, :]
             mask = torch.where(allowed, 0.0, torch.finfo(h.dtype).min)[:, None]
-            pe = dec.rotary_emb(h, _gather_pos(pos, cur))
-            h = layer(h, attention_mask=mask, position_embeddings=pe)
-        want = model.lm_head(dec.norm(h))
+            h = run_layer(dec, layer, h, mask, _gather_pos(pos, cur))
+        want = lm_logits(model, dec, h)
     assert got.shape == want.shape
     real = valid.gather(1, cur)  # compare the real (non-pad) query positions
     torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from common.engine import FastV, PlanContext, TokenPlan, topk_per_sample
-from tests.engine._tiny import _left_pad, _prompt, build
+from tests.engine._tiny import _left_pad, _prompt, build, generate, lm_logits, run_layer
 
 NEW = 4
 
@@ -68,15 +68,7 @@ def _batch3(seed: int = 7):
 
 
 def _gen(model, **kw):
-    with torch.no_grad():
-        return model.generate(
-            **kw,
-            max_new_tokens=NEW,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-        )
+    return generate(model, NEW, **kw)
 
 
 @pytest.mark.parametrize(
@@ -146,9 +138,8 @@ def _reference_reindexed(model, ids, attn2d, stages):
         p = (real.long().cumsum(-1) - 1).clamp(min=0)
         allowed = (cur[:, None, :] <= cur[:, :, None]) & real[:, None, :]
         mask = torch.where(allowed, 0.0, torch.finfo(h.dtype).min)[:, None]
-        pe = dec.rotary_emb(h, p)
-        h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=p)
-    return model.lm_head(dec.norm(h))
+        h = run_layer(dec, layer, h, mask, p)
+    return lm_logits(model, dec, h)
 
 
 @dataclass
