@@ -30,9 +30,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import statistics
-import time
 
 import torch
+
+from common.benchmark import clock, time_interleaved
 
 __all__ = ["run", "make_room"]
 
@@ -117,7 +118,7 @@ def decoder_flops(model, batch, texts, call) -> dict:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from threed.tsp3d.model import _SubMBlock, _UpBlock
+    from threed.tsp3d.model import SubMBlock, UpBlock
     from threed.tsp3d.sparse import make_tensor
 
     recs = []
@@ -125,15 +126,15 @@ def decoder_flops(model, batch, texts, call) -> dict:
     def hook(mod, inp, out):
         x = inp[0]
         c = mod.conv
-        if isinstance(mod, _UpBlock) and (len(inp) < 2 or inp[1] is None):
+        if isinstance(mod, UpBlock) and (len(inp) < 2 or inp[1] is None):
             pairs = 27 * x.indices.shape[0]  # generative: every child of every voxel
-        elif isinstance(mod, _UpBlock):  # onto known children: present parent pairs
+        elif isinstance(mod, UpBlock):  # onto known children: present parent pairs
             pairs = upsample_pairs(x.indices, x.spatial_shape, inp[1])
         else:
             pairs = subm_pairs(x.indices, x.spatial_shape)
         recs.append(2 * pairs * c.in_channels * c.out_channels)
 
-    mods = [m for m in model.modules() if isinstance(m, (_SubMBlock, _UpBlock))]
+    mods = [m for m in model.modules() if isinstance(m, (SubMBlock, UpBlock))]
     hooks = [m.register_forward_hook(hook) for m in mods]
     try:
         with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=_SDPA) as fc:
@@ -155,19 +156,14 @@ def decoder_flops(model, batch, texts, call) -> dict:
 
 def _median_times(fns: dict, repeats: int) -> dict:
     """Interleaved timing: {name: (median total s, median decoder s, last output)}."""
-    totals = {k: [] for k in fns}
     decs = {k: [] for k in fns}
     outs = {}
-    with torch.inference_mode():
-        for f in fns.values():
-            f()
-        for _ in range(repeats):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                out = f()
-                totals[k].append(time.perf_counter() - t0)
-                decs[k].append(out.timings["decoder"])
-                outs[k] = out
+
+    def record(name, out):
+        decs[name].append(out.timings["decoder"])
+        outs[name] = out
+
+    totals = time_interleaved(fns, repeats=repeats, warmup=1, on_output=record)
     return {k: (statistics.median(totals[k]), statistics.median(decs[k]), outs[k]) for k in fns}
 
 
@@ -204,10 +200,10 @@ def stage_times(model, fns: dict, repeats: int) -> dict:
     for name, mod in stages.items():
 
         def pre(m, a, name=name):
-            start[name] = time.perf_counter()
+            start[name] = clock()
 
         def post(m, a, o, name=name):
-            acc[name] = acc.get(name, 0.0) + time.perf_counter() - start[name]
+            acc[name] = acc.get(name, 0.0) + clock() - start[name]
 
         hooks += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
     runs = {k: [] for k in fns}

@@ -17,15 +17,13 @@ to the analytic attention share. Both attentions run the same
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import logging
 
 import torch
 
-from common.benchmark import compare, peak_memory_mb, summarize, time_fn
+from common.benchmark import compare, peak_memory_mb, summarize, time_interleaved
 from threed.vggt import VGGT, TokenMerging, VGGTConfig, attention_share, build_plan
 from threed.vggt.layers import patch_positions
-from threed.vggt.track import small_track_config
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +34,7 @@ ATTN_REPEATS = 7  # global attention / matching triples per S (after one warm-up
 
 def bench_config() -> VGGTConfig:
     """The eval track's small model at embed 256 (224 px, 4 frame + 4 global blocks)."""
-    return dataclasses.replace(small_track_config(), embed_dim=256)
+    return VGGTConfig.small("eval", embed_dim=256)
 
 
 def _flops(fn) -> int:
@@ -87,15 +85,16 @@ def _bench_frames(model, method, s: int, small: bool, device) -> dict:
         x = blk.norm1(torch.randn(1, n, 256, device=device))
     pos = patch_positions(s, 16, 16, agg.patch_start_idx, device).reshape(1, n, 2)
     keys = torch.randn(1, 4, n, 64, device=device)
-    attn = _interleaved(
+    attn_times = time_interleaved(
         {
             "full": lambda: blk.attn(x, pos=pos),
             "merged": lambda: _merged_attn(model, blk, x, pos),
             "matching": lambda: build_plan(method, x, keys, (16, 16), agg.patch_start_idx),
         },
-        ATTN_REPEATS,
-        device,
+        repeats=ATTN_REPEATS,
+        device=device,
     )
+    attn = {name: summarize(t) for name, t in attn_times.items()}
     row = {
         "name": f"vggt_aggregator_S{s}",
         "frames": s,
@@ -149,21 +148,10 @@ def _trim_heap(device) -> None:
         pass
 
 
-def _interleaved(fns: dict, repeats: int, device) -> dict[str, dict]:
-    """Median (and spread) of each callable, run in turn ``repeats`` times after a warm-up."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        time_fn(fn, repeats=0, warmup=1, device=device)
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name] += time_fn(fn, repeats=1, warmup=0, device=device)
-    return {name: summarize(t) for name, t in times.items()}
-
-
 def _merged_attn(model, blk, x, pos):
     """The merged attention of one global block (patch applied for the call)."""
     with TokenMerging(ratio=RATIO).apply(model) as handle:
-        handle._ctx.grid_hw = (16, 16)  # as the aggregator pre-hook would set it
+        handle.grid_hw = (16, 16)  # as the aggregator pre-hook would set it
         return blk.attn(x, pos=pos)
 
 

@@ -1,19 +1,71 @@
-"""Side-by-side timing and peak-memory helpers for benchmarks and eval tracks."""
+"""Side-by-side timing and peak-memory helpers for benchmarks and eval tracks.
+
+One timing mechanism: :func:`clock` (a device-synchronised ``perf_counter``)
+and :func:`time_interleaved`, which calls several callables in turn so drift
+hits all of them; :func:`time_fn` and :func:`compare` are its one- and
+two-callable forms.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
-__all__ = ["time_fn", "summarize", "compare", "peak_memory_mb"]
+__all__ = [
+    "clock",
+    "sync",
+    "time_fn",
+    "time_interleaved",
+    "summarize",
+    "compare",
+    "peak_memory_mb",
+]
 
 
-def _sync(device: torch.device | str | None) -> None:
+def sync(device: torch.device | str | None) -> None:
+    """Wait for queued CUDA work on ``device`` (no-op on CPU / ``None``)."""
     if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+
+
+def clock(device: torch.device | str | None = None) -> float:
+    """``time.perf_counter()`` after :func:`sync`: a timestamp that includes queued work."""
+    sync(device)
+    return time.perf_counter()
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: torch.device | str | None = None,
+    on_output: Callable[[str, object], None] | None = None,
+) -> dict[str, list[float]]:
+    """Wall-clock seconds of each callable, called in turn (A, B, C, A, B, C, ...).
+
+    ``warmup`` untimed rounds first (one-off costs such as kernel creation for a
+    new shape stay out), then ``repeats`` timed rounds under
+    ``torch.inference_mode``. ``on_output(name, output)`` sees every timed
+    call's result (e.g. a model's own stage timings). Returns ``{name: [s, ...]}``.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        sync(device)
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                out = fn()
+                times[name].append(clock(device) - t0)
+                if on_output is not None:
+                    on_output(name, out)
+    return times
 
 
 def time_fn(
@@ -24,17 +76,7 @@ def time_fn(
     device: torch.device | str | None = None,
 ) -> list[float]:
     """Wall-clock seconds of ``repeats`` calls of ``fn`` after ``warmup`` calls."""
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        _sync(device)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-    return times
+    return time_interleaved({"fn": fn}, repeats=repeats, warmup=warmup, device=device)["fn"]
 
 
 def summarize(times: list[float]) -> dict[str, float]:
@@ -61,16 +103,10 @@ def compare(
 
     Returns ``{"baseline": summary, "method": summary, "speedup": median ratio}``.
     """
-    with torch.inference_mode():
-        for _ in range(warmup):
-            baseline()
-            method()
-    a: list[float] = []
-    b: list[float] = []
-    for _ in range(repeats):
-        a += time_fn(baseline, repeats=1, warmup=0, device=device)
-        b += time_fn(method, repeats=1, warmup=0, device=device)
-    sa, sb = summarize(a), summarize(b)
+    t = time_interleaved(
+        {"baseline": baseline, "method": method}, repeats=repeats, warmup=warmup, device=device
+    )
+    sa, sb = summarize(t["baseline"]), summarize(t["method"])
     return {"baseline": sa, "method": sb, "speedup": sa["median_s"] / sb["median_s"]}
 
 

@@ -22,12 +22,14 @@ evaluated only at the backbone level's voxels, i.e. the scene's voxels) or
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from common.benchmark import clock
 
 from .pruning import CompletionAddition, PositionEmbeddingLearned, TextGuidedPruning
 from .sparse import (
@@ -47,6 +49,8 @@ from .text import TextEncoder
 __all__ = [
     "TSP3DConfig",
     "MinkResNetBackbone",
+    "SubMBlock",
+    "UpBlock",
     "TSP3DGrounder",
     "GroundingOutput",
     "SceneBatch",
@@ -140,12 +144,6 @@ class TSP3DConfig:
         return round(stride * self.voxel_size * 100, 3)
 
 
-def _clock(device) -> float:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def _feat(x, fn):
     return x.replace_feature(fn(x.features))
 
@@ -217,7 +215,7 @@ class MinkResNetBackbone(nn.Module):
         return outs
 
 
-class _SubMBlock(nn.Module):
+class SubMBlock(nn.Module):
     """SubM k3 conv + BN + ReLU (the head's lateral / out blocks)."""
 
     def __init__(self, cin, cout):
@@ -230,7 +228,7 @@ class _SubMBlock(nn.Module):
         return _feat(self.conv(x), lambda f: torch.relu(self.bn(f)))
 
 
-class _UpBlock(nn.Module):
+class UpBlock(nn.Module):
     """Generative transposed conv k3 s2 + BN + ReLU (27 children per voxel)."""
 
     def __init__(self, cin, cout):
@@ -316,6 +314,32 @@ class GroundingOutput:
     timings: dict = field(default_factory=dict)
 
 
+class _Level(NamedTuple):
+    """One TGP level of the decoder: its stride (in base voxels), modules, the backbone
+    level below it and the run-time threshold / keep ratio."""
+
+    stride: int
+    tgp: TextGuidedPruning
+    lateral: nn.Module
+    up: nn.Module
+    skip: object  # the backbone SparseConvTensor at stride / 2
+    threshold: float
+    keep_ratio: float | None
+
+
+class _DecoderPass(NamedTuple):
+    """What one forward pass shares across levels (outputs are filled in place)."""
+
+    org: Tensor
+    txt_pad: Tensor
+    generator: torch.Generator | None
+    prune: bool
+    scene_mode: bool
+    keep: dict
+    kept_pos: dict
+    counts: dict
+
+
 class TSP3DGrounder(nn.Module):
     """The full grounding network.  ``forward(batch, texts, prune=True)``."""
 
@@ -359,10 +383,10 @@ class TSP3DGrounder(nn.Module):
         self.cba = CompletionAddition(
             threshold=cfg.cba_threshold, num_candidates=cfg.cba_candidates, **common
         )
-        self.up_64_32 = _UpBlock(d, d)
-        self.up_32_16 = _UpBlock(d, d)
-        self.lateral = nn.ModuleList([_SubMBlock(d, d) for _ in range(3)])  # 16, 32, 64
-        self.out_block = _SubMBlock(d, d)
+        self.up_64_32 = UpBlock(d, d)
+        self.up_32_16 = UpBlock(d, d)
+        self.lateral = nn.ModuleList([SubMBlock(d, d) for _ in range(3)])  # 16, 32, 64
+        self.out_block = SubMBlock(d, d)
         self.fuse = nn.Sequential(nn.Linear(2 * d, d), nn.BatchNorm1d(d), nn.ReLU(inplace=True))
         self.bbox_head = nn.Linear(d, 6)
         self.cls_head = nn.Linear(d, 1)
@@ -419,11 +443,11 @@ class TSP3DGrounder(nn.Module):
         x_in = make_tensor(
             batch.features.to(dev), batch.indices.to(dev), batch.spatial_shape, batch.batch_size
         )
-        t0 = _clock(dev)
+        t0 = clock(dev)
         x8, x16, x32, x64 = self.backbone(x_in)
-        t1 = _clock(dev)
+        t1 = clock(dev)
         txt, txt_pad = self.encode_text(texts)
-        t2 = _clock(dev)
+        t2 = clock(dev)
         org = batch.origins.to(txt.device)
         counts = {
             "backbone_64": x64.features.shape[0],
@@ -435,32 +459,15 @@ class TSP3DGrounder(nn.Module):
         # unpruned "scene" mode: the children that exist in the backbone level (every
         # backbone voxel's parent is present), computed only there
         scene_mode = not prune and cfg.unpruned_upsample == "scene"
-        levels = (  # (stride, TGP, lateral block, upsampling, backbone level below)
-            (64, self.tgp_scene, self.lateral[2], self.up_64_32, x32),
-            (32, self.tgp_target, self.lateral[1], self.up_32_16, x16),
-        )
+        run = _DecoderPass(org, txt_pad, generator, prune, scene_mode, keep, kept_pos, counts)
+        ratios = (None, None) if keep_ratios is None else keep_ratios
         x = x64
-        for i, (stride, tgp, lateral, up, skip) in enumerate(levels):
-            x, txt, n_scored = self._tgp_level(
-                x,
-                stride,
-                tgp,
-                lateral,
-                up,
-                skip,
-                org,
-                txt,
-                txt_pad,
-                generator,
-                prune=prune,
-                scene_mode=scene_mode,
-                threshold=thr[i],
-                keep_ratio=None if keep_ratios is None else keep_ratios[i],
-                keep=keep,
-                kept_pos=kept_pos,
-                counts=counts,
-            )
-            if stride == 32:
+        for level in (
+            _Level(64, self.tgp_scene, self.lateral[2], self.up_64_32, x32, thr[0], ratios[0]),
+            _Level(32, self.tgp_target, self.lateral[1], self.up_32_16, x16, thr[1], ratios[1]),
+        ):
+            x, txt, n_scored = self._tgp_level(x, txt, level, run)
+            if level.stride == 32:
                 counts["decoder_32"] = n_scored
         counts["pruned_16"] = x.features.shape[0]
 
@@ -497,7 +504,7 @@ class TSP3DGrounder(nn.Module):
             j = rows[torch.argmax(cls[rows])]
             boxes.append(vboxes[j])
             scores.append(torch.sigmoid(cls[j]))
-        t3 = _clock(dev)
+        t3 = clock(dev)
         timings = {"backbone": t1 - t0, "text": t2 - t1, "decoder": t3 - t2}
         return GroundingOutput(
             torch.stack(boxes),
@@ -513,27 +520,7 @@ class TSP3DGrounder(nn.Module):
             timings,
         )
 
-    def _tgp_level(
-        self,
-        x,
-        stride,
-        tgp,
-        lateral,
-        up,
-        skip,
-        org,
-        txt,
-        txt_pad,
-        generator,
-        *,
-        prune,
-        scene_mode,
-        threshold,
-        keep_ratio,
-        keep,
-        kept_pos,
-        counts,
-    ):
+    def _tgp_level(self, x, txt: Tensor, level: _Level, run: _DecoderPass):
         """One TGP level (the official ``TSPHead`` loop body, written once for 64 and 32).
 
         BiEncoder + keep score on ``x`` (level ``stride``) -> lateral block -> inference
@@ -546,25 +533,26 @@ class TSP3DGrounder(nn.Module):
         ``kept_{stride}`` / ``generated_{stride // 2}`` counts; returns ``(x, txt,
         voxels scored)``.
         """
-        x, logit, txt = tgp.score(x, self._pos(x, stride, org), txt, txt_pad, generator)
-        keep[stride] = {
+        stride, tgp, skip = level.stride, level.tgp, level.skip
+        x, logit, txt = tgp.score(x, self._pos(x, stride, run.org), txt, run.txt_pad, run.generator)
+        run.keep[stride] = {
             "logits": logit,
-            "positions": self._pos(x, stride, org),
+            "positions": self._pos(x, stride, run.org),
             "batch_idx": x.indices[:, 0].long(),
         }
         n_scored = x.features.shape[0]
-        x = lateral(x)
-        if prune and not self.training:
-            x, _ = tgp.prune_coarse(x, logit, threshold, keep_ratio)
-        counts[f"kept_{stride}"] = x.features.shape[0]
-        kept_pos[stride] = self._pos(x, stride, org)
+        x = level.lateral(x)
+        if run.prune and not self.training:
+            x, _ = tgp.prune_coarse(x, logit, level.threshold, level.keep_ratio)
+        run.counts[f"kept_{stride}"] = x.features.shape[0]
+        run.kept_pos[stride] = self._pos(x, stride, run.org)
         coarse = x
-        x = up(x, skip.indices if scene_mode else None)
-        counts[f"generated_{stride // 2}"] = x.features.shape[0]
-        if prune and self.training:
-            x, _ = tgp.prune_children(x, coarse, logit, tgp.draw_topk(generator))
+        x = level.up(x, skip.indices if run.scene_mode else None)
+        run.counts[f"generated_{stride // 2}"] = x.features.shape[0]
+        if run.prune and self.training:
+            x, _ = tgp.prune_children(x, coarse, logit, tgp.draw_topk(run.generator))
         # scene mode computed the children exactly at skip's rows: the join is the identity
-        joined = skip.features if scene_mode else features_at(skip, x.indices)
+        joined = skip.features if run.scene_mode else features_at(skip, x.indices)
         return x.replace_feature(x.features + joined), txt, n_scored
 
     @torch.no_grad()

@@ -398,6 +398,16 @@ class MergeHandle(MethodHandle):
         ctx.last_plan, ctx.last_plan_block = None, None
 
     @property
+    def grid_hw(self) -> tuple[int, int] | None:
+        """Patch grid ``(h, w)`` of the current forward, set by the aggregator's pre-hook;
+        set it by hand to call a patched global attention on its own."""
+        return self._ctx.grid_hw
+
+    @grid_hw.setter
+    def grid_hw(self, value: tuple[int, int] | None) -> None:
+        self._ctx.grid_hw = None if value is None else (int(value[0]), int(value[1]))
+
+    @property
     def stats(self) -> list[dict]:
         return list(self._ctx.stats)
 

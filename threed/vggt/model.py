@@ -103,22 +103,43 @@ class VGGTConfig:
             raise ValueError("dpt_out_channels must have 4 entries")
 
     @classmethod
-    def small(cls, **overrides) -> VGGTConfig:
-        """A CPU-sized model (embed 64, 2+2 blocks, tiny heads) for tests."""
-        kw = dict(
-            img_size=56,
-            embed_dim=64,
-            depth=2,
-            num_heads=4,
-            patch_embed_depth=1,
-            patch_embed_heads=4,
-            camera_trunk_depth=1,
-            camera_heads=4,
-            dpt_features=16,
-            dpt_out_channels=(8, 16, 32, 32),
-        )
-        kw.update(overrides)
+    def small(cls, preset: str = "test", **overrides) -> VGGTConfig:
+        """A CPU-sized random model, the one small configuration of the suite.
+
+        ``preset="test"``: embed 64, 2+2 blocks, 56 px, tiny heads (unit tests);
+        ``"eval"``: embed 128, 4+4 blocks, 224 px (the eval track's no-weights
+        mode and the VGGT benchmark). ``overrides`` replace single fields.
+        """
+        if preset not in _SMALL_PRESETS:
+            raise ValueError(f"preset must be one of {tuple(_SMALL_PRESETS)}, got {preset!r}")
+        kw = {**_SMALL, **_SMALL_PRESETS[preset], **overrides}
         return cls(**kw)
+
+
+_SMALL = dict(
+    img_size=56,
+    embed_dim=64,
+    depth=2,
+    num_heads=4,
+    patch_embed_depth=1,
+    patch_embed_heads=4,
+    camera_trunk_depth=1,
+    camera_heads=4,
+    dpt_features=16,
+    dpt_out_channels=(8, 16, 32, 32),
+)
+# what each preset changes in _SMALL
+_SMALL_PRESETS = {
+    "test": {},
+    "eval": dict(
+        img_size=224,
+        embed_dim=128,
+        depth=4,
+        patch_embed_depth=2,
+        dpt_features=32,
+        dpt_out_channels=(16, 32, 64, 64),
+    ),
+}
 
 
 def _count(state: dict, prefix: str) -> int:

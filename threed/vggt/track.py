@@ -38,19 +38,8 @@ __all__ = ["VGGTOptions", "VGGTTrack", "default_merge_ratios", "small_track_conf
 
 
 def small_track_config() -> VGGTConfig:
-    """The random CPU model of the no-weights mode (embed 128, 4+4 blocks, 224 px)."""
-    return VGGTConfig(
-        img_size=224,
-        embed_dim=128,
-        depth=4,
-        num_heads=4,
-        patch_embed_depth=2,
-        patch_embed_heads=4,
-        camera_trunk_depth=1,
-        camera_heads=4,
-        dpt_features=32,
-        dpt_out_channels=(16, 32, 64, 64),
-    )
+    """The random CPU model of the no-weights mode: ``VGGTConfig.small("eval")``."""
+    return VGGTConfig.small("eval")
 
 
 def default_merge_ratios(kept_ratios: list[float] | None) -> list[float]:
