@@ -44,6 +44,11 @@ def _row(name: str, result: dict, **sizes) -> dict:
     return row
 
 
+def _ab(name: str, baseline, method, /, *, repeats: int, compare_device=None, **fields) -> dict:
+    """One row: ``baseline`` vs ``method`` timed side by side (:func:`compare`)."""
+    return _row(name, compare(baseline, method, repeats=repeats, device=compare_device), **fields)
+
+
 # ---------------------------------------------------------------- references
 def _adjacent_loop(x: torch.Tensor) -> torch.Tensor:
     """Frame-by-frame adjacent similarity with ``F.cosine_similarity``."""
@@ -144,14 +149,12 @@ def run(quick: bool = False) -> list[dict]:
     x[:, : n // 2] = x[:1, : n // 2] + 0.05 * torch.randn(f, n // 2, d, generator=g)
     x = x.to(device)
     rows.append(
-        _row(
+        _ab(
             "adjacent_frame_similarity",
-            compare(
-                lambda: _adjacent_loop(x),
-                lambda: adjacent_frame_similarity(x),
-                repeats=repeats,
-                device=device,
-            ),
+            lambda: _adjacent_loop(x),
+            lambda: adjacent_frame_similarity(x),
+            repeats=repeats,
+            compare_device=device,
             frames=f,
             tokens=n,
             dim=d,
@@ -162,14 +165,12 @@ def run(quick: bool = False) -> list[dict]:
     )
     flat = x.reshape(1, f * n, d)
     rows.append(
-        _row(
+        _ab(
             "cosine_similarity_matrix_chunked",
-            compare(
-                lambda: _cos_full(flat),
-                lambda: cosine_similarity_matrix(flat, chunk_size=1024),
-                repeats=repeats,
-                device=device,
-            ),
+            lambda: _cos_full(flat),
+            lambda: cosine_similarity_matrix(flat, chunk_size=1024),
+            repeats=repeats,
+            compare_device=device,
             tokens=f * n,
             dim=d,
             device=device,
@@ -178,13 +179,11 @@ def run(quick: bool = False) -> list[dict]:
     )
     sim = adjacent_frame_similarity(x).cpu()
     rows.append(
-        _row(
+        _ab(
             "temporal_segmentation",
-            compare(
-                lambda: _segmentation_loop(sim, 0.8),
-                lambda: temporal_segmentation(sim, 0.8),
-                repeats=repeats,
-            ),
+            lambda: _segmentation_loop(sim, 0.8),
+            lambda: temporal_segmentation(sim, 0.8),
+            repeats=repeats,
             frames=f,
             tokens=n,
             device="cpu",
@@ -194,14 +193,12 @@ def run(quick: bool = False) -> list[dict]:
     )
     num_centres = 20
     rows.append(
-        _row(
+        _ab(
             "dpc_knn_merge",
-            compare(
-                lambda: _dpc_merge_loop(x, num_centres, 7, 0.6),  # same device as the method
-                lambda: dpc_knn_merge(x, num_centres, k=7, generator=0),
-                repeats=repeats,
-                device=device,
-            ),
+            lambda: _dpc_merge_loop(x, num_centres, 7, 0.6),  # same device as the method
+            lambda: dpc_knn_merge(x, num_centres, k=7, generator=0),
+            repeats=repeats,
+            compare_device=device,
             frames=f,
             tokens=n,
             dim=d,
@@ -223,14 +220,12 @@ def run(quick: bool = False) -> list[dict]:
     )
     chunk = 5000
     rows.append(
-        _row(
+        _ab(
             "match_src_to_dst",
-            compare(
-                lambda: _match_unchunked(metric, dst_idx, src_idx),
-                lambda: match_src_to_dst(metric, dst_idx, src_idx, chunk_size=chunk),
-                repeats=repeats,
-                device=device,
-            ),
+            lambda: _match_unchunked(metric, dst_idx, src_idx),
+            lambda: match_src_to_dst(metric, dst_idx, src_idx, chunk_size=chunk),
+            repeats=repeats,
+            compare_device=device,
             frames=frames,
             tokens=frames * tpf,
             dim=1024,
