@@ -235,7 +235,7 @@ def tiny_config(
         max_position_embeddings=4096,
         pad_token_id=0,
         bos_token_id=1,
-        eos_token_id=2,
+        eos_token_id=None,  # random weights: never stop early (4.37 ignores eos_token_id=None)
     )
     cfg._attn_implementation = impl
     cfg.tokenizer_padding_side = padding_side

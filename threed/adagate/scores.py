@@ -26,7 +26,8 @@ def faithful_last_row_scores(
 
     ``modeling_llama_pdrop.py`` (``pdrop_rank_drop``): layer K's
     ``input_layernorm`` -> ``q_proj`` / ``k_proj`` in the model dtype ->
-    rotary -> ``q k^T / sqrt(head_dim)`` in the model dtype -> softmax in
+    rotary -> ``q k^T / sqrt(head_dim) + 1`` in the model dtype (the ``+ 1`` is the
+    author code's causal mask added as a bool tensor) -> softmax in
     float32, cast back to the model dtype -> mean over heads (model dtype)
     for the last instruction token's row only, restricted to the span.
 
@@ -48,7 +49,9 @@ def faithful_last_row_scores(
     dtype = hidden_states.dtype
     head_dim = int(attn.head_dim)
     x = layer.input_layernorm(hidden_states)
-    q = attn.q_proj(x[:, -1:]).view(b, 1, -1, head_dim).transpose(1, 2)  # [B, H, 1, hd]
+    # q over the whole sequence, then the last row: a one-row product rounds differently
+    # in half precision, and the author code projects every row
+    q = attn.q_proj(x)[:, -1:].view(b, 1, -1, head_dim).transpose(1, 2)  # [B, H, 1, hd]
     k = attn.k_proj(x).view(b, length, -1, head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
     if position_embeddings is not None:
         cos, sin = position_embeddings
@@ -59,7 +62,12 @@ def faithful_last_row_scores(
     if rep > 1:
         k = k.repeat_interleave(rep, dim=1)
     logits = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim)  # [B, H, 1, L] model dtype
+    # The author code adds its causal mask after turning it into a bool tensor (True = may
+    # attend), i.e. +1 on every visible key: a shift in float32, but in bf16 / fp16 it rounds
+    # the logits to the coarser grid around 1 (bf16: steps of 2^-7), which changes rankings.
+    logits = logits + torch.ones((), dtype=dtype, device=logits.device)
     if key_padding is not None and not bool(key_padding.all()):
+        # padding does not exist in the author code: hide padded keys properly
         logits = logits.masked_fill(~key_padding[:, None, None, :], torch.finfo(dtype).min)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(dtype)
     row = probs.mean(dim=1)[:, 0]  # [B, L], mean in the model dtype as the author code
