@@ -11,7 +11,7 @@ STAMP := $(VENV)/.holoprune-installed
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: eval test lint bench sysdeps setup clean
+.PHONY: eval test test-compat lint bench sysdeps setup clean
 
 setup: sysdeps $(STAMP)
 
@@ -30,6 +30,13 @@ eval: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The engine (and AdaGate) tests under older transformers, in cached side venvs
+# .venv-tf<version> next to .venv (LLaVA-3D pins 4.37.2; LLaVA-NeXT-era code 4.4x).
+COMPAT_VERSIONS ?= 4.37.2 4.49.0
+test-compat:
+	PYTHON=$(PYTHON) COMPAT_VERSIONS="$(COMPAT_VERSIONS)" TORCH_SPEC="$(TORCH_SPEC)" \
+		TORCH_INDEX="$(TORCH_INDEX)" bash .ci/test_compat.sh
 
 lint: setup
 	$(PY) -m ruff check .
