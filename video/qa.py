@@ -568,6 +568,19 @@ class PrefillMeter:
         return _Stamp()
 
 
+def _engine_plan(handle: Any) -> dict | None:
+    """The decoder engine's record of the latest prefill (``kept_counts`` / ``span_kept`` per
+    pruning layer and sample), from a method handle or its inner-LLM handle; ``None`` if none."""
+    for h in (handle, getattr(handle, "inner", None)):
+        plan = getattr(h, "last_plan", None)
+        if isinstance(plan, dict) and plan.get("kept_counts"):
+            return {
+                "kept_counts": {int(k): v.tolist() for k, v in plan["kept_counts"].items()},
+                "span_kept": {int(k): v.tolist() for k, v in plan["span_kept"].items()},
+            }
+    return None
+
+
 def _flops(model, lengths: list[int]) -> float:
     from common.flops import decoder_prefill_flops
 
@@ -639,6 +652,7 @@ def answer_batch(
             )
             meter._sync()
             latency = time.perf_counter() - meter._t0
+        plan = _engine_plan(handle)
     finally:
         if handle is not None:
             handle.remove()
@@ -649,10 +663,19 @@ def answer_batch(
     padded0 = lengths[0] if lengths else ids.shape[1]
     results = []
     for b, s in enumerate(samples):
-        # every sample loses the same count inside the decoder (the engine's contract)
-        per_layer = [entry[b] - (padded0 - n) for n in lengths]
         after = entry[b] - text_len[b]
-        final = after - (padded0 - lengths[-1]) if lengths else after
+        if plan is not None:  # per-sample counts after each in-LLM stage, from the engine
+            per_layer, final, n_now, v_now = [], after, entry[b], after
+            for layer in range(len(lengths)):
+                if layer in plan["kept_counts"]:
+                    # the engine counts the left-padding slots of the input as alive
+                    n_now = int(plan["kept_counts"][layer][b]) - (padded0 - entry[b])
+                    v_now = int(plan["span_kept"][layer][b])
+                per_layer.append(n_now)
+            final = v_now
+        else:  # no engine record: every sample lost what the padded length lost
+            per_layer = [entry[b] - (padded0 - n) for n in lengths]
+            final = after - (padded0 - lengths[-1]) if lengths else after
         parsed = parse_option(texts[b], s.options)
         correct = None if s.answer is None else parsed == s.answer
         eos = tok.eos_token_id

@@ -268,3 +268,28 @@ def test_holitom_shortens_the_video_span():
     assert row["visual_tokens_final"] < row["visual_tokens_after"]  # the inner merge at layer 2
     with torch.no_grad():
         assert not any(m._forward_pre_hooks_with_kwargs for m in model.modules())
+
+
+def test_holitom_batch_counts_equal_each_alone():
+    """Different videos merge to different lengths (and inner-merge budgets): each sample's
+    counts and FLOPs in a batch are what it gets alone (read from the engine's record)."""
+    from common.methods import build_method
+    from video.qa import _engine_plan, _load_video_methods
+
+    _load_video_methods()
+    model, processor = build_tiny("tiny-random-llava-onevision", seed=0)
+    static = np.repeat(_video(1, 5), 4, axis=0)
+    videos = [static, _video(4, 6)]
+    method = build_method("holitom", retain_ratio=0.5, inner_layer=2)
+    together = answer_batch(model, processor, SAMPLES, videos, method=method, max_new_tokens=2)
+    assert together[0]["visual_tokens_after"] != together[1]["visual_tokens_after"]
+    for s, v, row in zip(SAMPLES, videos, together):
+        alone = answer_batch(model, processor, [s], [v], method=method, max_new_tokens=2)[0]
+        for key in ("visual_tokens_after", "visual_tokens_final", "prefill_tokens"):
+            assert row[key] == alone[key], key
+        assert row["prefill_tflops"] == pytest.approx(alone["prefill_tflops"])
+    handle = method.apply(model)
+    try:
+        assert _engine_plan(handle) is None  # nothing recorded before a prefill
+    finally:
+        handle.remove()
