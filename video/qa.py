@@ -23,6 +23,7 @@ TFLOPs), time to first token and total latency (of the sample's batch).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import logging
@@ -840,7 +841,7 @@ def default_settings(tiny: bool) -> list[tuple[str, dict[str, str]]]:
     PDrop). On the 4-layer tiny models the in-LLM layers are moved to 2
     (HoliTom's inner merge, FastV) and PDrop's stages to [1,2,3].
     """
-    from common.methods import registered_methods
+    from common.methods import get_method, registered_methods
 
     _load_video_methods()
     names = registered_methods()
@@ -851,7 +852,9 @@ def default_settings(tiny: bool) -> list[tuple[str, dict[str, str]]]:
     specs.append(("fastv", {"keep_ratio": "0.25", "layer": "2"}))
     for name in ("visionzip", "divprune"):
         if name in names:
-            specs.append((name, {"retain_ratio": "0.25"}))
+            fields = {f.name for f in dataclasses.fields(get_method(name).cls)}
+            ratio = next((k for k in _RATIO_PARAMS if k in fields), None)
+            specs.append((name, {ratio: "0.25"} if ratio else {}))
             break
     else:
         specs.append(("pdrop", {"layers": "[1,2,3]"} if tiny else {}))
