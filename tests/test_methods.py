@@ -47,49 +47,14 @@ class Case:
 
 # ---------------------------------------------------------------------------- factories
 
-_LLM_IMAGE_ID = 100
-
 
 def _llm_case() -> Case:
-    """Tiny Qwen2 (4 layers, SDPA), a left-padded batch of 2 with a 12-token image span."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """Tiny Qwen2 (4 layers, SDPA) and a left-padded batch of 2 with an image span per
+    sample: the engine tests' builder (``tests/engine/_tiny.py``)."""
+    from tests.engine._tiny import build
 
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=120,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        attn_implementation="sdpa",
-    )
-    model = Qwen2ForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(1)
-    rows = []
-    for pre, post in ((3, 5), (1, 4)):
-        rows.append(
-            torch.cat(
-                [
-                    torch.randint(3, 90, (pre,), generator=g),
-                    torch.full((12,), _LLM_IMAGE_ID),
-                    torch.randint(3, 90, (post,), generator=g),
-                ]
-            )
-        )
-    length = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, length - len(r) :] = r
-        mask[b, length - len(r) :] = 1
-    spans = []
-    for row in ids:
-        where = (row == _LLM_IMAGE_ID).nonzero().flatten()
-        spans.append([(int(where[0]), int(where[-1]) + 1)])
+    model, inputs, spans = build("qwen2", "sdpa")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
 
     def run(m: nn.Module) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -122,44 +87,17 @@ def _vggt_case() -> Case:
 
 
 def _tsp3d_case() -> Case:
-    """A tiny TSP3D grounder whose own forward keeps every voxel: config thresholds 0, no
-    CBA, generative upsampling (the official network without pruning). Its unpatched
+    """The TSP3D tests' tiny grounder and scene (``tests/threed/test_tsp3d_model.py``),
+    configured so that its own forward keeps every voxel: thresholds 0, no CBA,
+    generative upsampling (the official network without pruning). Its unpatched
     outputs are the unpruned network's, the reference of a keep-all method."""
     pytest.importorskip("spconv")
-    from threed.tsp3d import (
-        TextEncoder,
-        TSP3DConfig,
-        TSP3DGrounder,
-        WordHashTokenizer,
-        tiny_roberta,
-    )
+    from tests.threed.test_tsp3d_model import _model, _scene
 
-    torch.manual_seed(0)
-    cfg = TSP3DConfig(
-        voxel_size=0.04,
-        backbone_blocks=(1, 1, 1, 1),
-        backbone_channels=(16, 32, 32, 32),
-        stem_channels=16,
-        d_model=32,
-        n_heads=4,
-        dim_feedforward=32,
-        num_layers=1,
-        cba_candidates=200,
-        prune_thresholds=(0.0, 0.0),
-        cba=False,
-        unpruned_upsample="generative",
-    )
-    enc = TextEncoder(
-        model=tiny_roberta(hidden_size=32, num_layers=1, vocab_size=200),
-        tokenizer=WordHashTokenizer(200),
-    )
-    model = TSP3DGrounder(cfg, enc).eval()
-    g = torch.Generator().manual_seed(0)
-    boxes = torch.tensor([[0.8, 0.8, 0.4, 0.6, 0.6, 0.8], [3.0, 2.0, 0.5, 0.8, 0.5, 1.0]])
-    pts = [torch.rand(1500, 3, generator=g) * torch.tensor([4.0, 3.0, 0.02])]
-    pts += [(torch.rand(500, 3, generator=g) - 0.5) * b[3:] + b[:3] for b in boxes]
-    points = torch.cat(pts)
-    batch = model.scene_batch(points, torch.rand(points.shape[0], 3, generator=g))
+    model = _model(prune_thresholds=(0.0, 0.0), cba=False, unpruned_upsample="generative")
+    model.eval()
+    points, colors, _ = _scene(n=1500)
+    batch = model.scene_batch(points, colors)
 
     def run(m: nn.Module) -> dict[str, torch.Tensor]:
         out = m(batch, ["the chair"], generator=torch.Generator().manual_seed(0))
