@@ -285,21 +285,15 @@ def _greedy_by_hand(model: nn.Module, ids, mask, steps: int) -> tuple[torch.Tens
 
 @pytest.mark.parametrize("name", LLM_NAMES)
 def test_llm_generate_with_cache_is_consistent(name):
+    from tests.engine._tiny import generate
+
     spec = get_method(name)
     case = _case("llm")
     ids, mask, spans = case.extra["ids"], case.extra["mask"], case.extra["spans"]
     model = case.model
     steps = 4
     with case.apply(spec.build(**spec.example), model):
-        gen = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=steps,
-            do_sample=False,
-            pad_token_id=0,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+        gen = generate(model, steps, input_ids=ids, attention_mask=mask)
         seq, logits = _greedy_by_hand(model, ids, mask, steps)
         with torch.no_grad():  # the pruned prefill without any cache
             nocache = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
@@ -313,11 +307,5 @@ def test_llm_generate_with_cache_is_consistent(name):
         alone_ids = ids[b : b + 1, keep]
         alone_spans = [[(s - int((~keep).sum()), e - int((~keep).sum())) for s, e in spans[b]]]
         with spec.build(**spec.example).apply(model, spans=alone_spans):
-            alone = model.generate(
-                input_ids=alone_ids,
-                attention_mask=torch.ones_like(alone_ids),
-                max_new_tokens=steps,
-                do_sample=False,
-                pad_token_id=0,
-            )
+            alone = generate(model, steps, input_ids=alone_ids).sequences
         assert torch.equal(alone[0, -steps:], gen.sequences[b, -steps:]), f"sample {b}"
