@@ -309,8 +309,9 @@ def read_manifest(
 
 
 def format_prompt(sample: QASample) -> str:
-    """The multiple-choice prompt (the wording of lmms-eval's Video-MME / MVBench tasks)."""
-    letters = ", ".join(LETTERS[: len(sample.options)])
+    """The multiple-choice prompt, in the wording of lmms-eval's Video-MME task."""
+    shown = list(LETTERS[: len(sample.options)])
+    letters = ", ".join(shown[:-1]) + (", or " if len(shown) > 2 else " or ") + shown[-1]
     lines = [
         "Select the best answer to the following multiple-choice question based on the "
         f"video. Respond with only the letter ({letters}) of the correct option.",

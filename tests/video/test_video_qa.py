@@ -51,7 +51,7 @@ def test_format_prompt_lists_lettered_options():
     s = QASample("x", "v.mp4", "Which way?", ("left", "right", "up"), "B")
     prompt = format_prompt(s)
     assert "Which way?\nA. left\nB. right\nC. up\n" in prompt
-    assert "(A, B, C)" in prompt
+    assert "(A, B, or C)" in prompt and prompt.endswith("The best answer is:")
 
 
 # ----------------------------------------------------------------------------- manifests
