@@ -955,6 +955,7 @@ class VideoQATrack(Track):
         self._processor = None
         self._cache: dict[tuple[str, str], dict] = {}
         self._frames: dict[str, Any] = {}
+        self._pos: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ setup
     def settings(self) -> list[Setting]:
@@ -1011,14 +1012,22 @@ class VideoQATrack(Track):
         return clip.frames
 
     # ------------------------------------------------------------------ rows
+    def _positions(self) -> dict[str, int]:
+        """Sample id -> position in this process's order (empty without run data)."""
+        if self._pos is None:
+            data = self.context.data if self.context is not None else None
+            order = data.order if isinstance(data, VideoQAData) else []
+            self._pos = {sid: i for i, sid in enumerate(order)}
+        return self._pos
+
     def _batch(self, sample: QASample, frames) -> list[tuple[QASample, Any]]:
         """This sample and up to ``batch_size - 1`` following ones with the same frame shape."""
         batch = [(sample, frames)]
-        data: VideoQAData | None = self.context.data
-        if self.options.batch_size == 1 or data is None or sample.id not in data.order:
+        pos = self._positions()
+        if self.options.batch_size == 1 or sample.id not in pos:
             return batch
-        start = data.order.index(sample.id) + 1
-        for sid in data.order[start:]:
+        data: VideoQAData = self.context.data
+        for sid in data.order[pos[sample.id] + 1 :]:
             if len(batch) >= self.options.batch_size:
                 break
             other = data.samples[sid]
@@ -1058,6 +1067,13 @@ class VideoQATrack(Track):
         sample = unit
         progress("decoding video")
         frames = self._frames.pop(sample.id, None)
+        pos = self._positions()
+        if sample.id in pos:
+            # batch-mates whose rows an earlier run finished are never asked for: drop them
+            here = pos[sample.id]
+            for sid in [k for k in self._frames if pos.get(k, -1) < here]:
+                del self._frames[sid]
+                self._cache = {k: v for k, v in self._cache.items() if k[0] != sid}
         if frames is None:
             frames = self.load_frames(sample)  # a bad file fails this sample only
         batch = None
