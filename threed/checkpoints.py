@@ -21,7 +21,8 @@ class CheckpointError(ValueError):
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu", what: str = "checkpoint") -> Any:
-    """``torch.load(path, weights_only=True)`` with one-line errors.
+    """``torch.load(path, weights_only=True)`` (or safetensors for ``*.safetensors``)
+    with one-line errors.
 
     Raises ``FileNotFoundError`` for a missing path and :class:`CheckpointError` for a
     folder, an unreadable file (garbage, truncated, empty) or a pickle that holds Python
@@ -32,6 +33,8 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", what: str = "ch
         raise FileNotFoundError(f"{what} not found: {p}")
     if p.is_dir():
         raise CheckpointError(f"{p} is a folder; expected a {what} file")
+    if p.suffix == ".safetensors":  # e.g. the Hugging Face copy of a state dict
+        return _read_safetensors(p, map_location, what)
     try:
         with warnings.catch_warnings():
             # a protocol-4 pickle (plain pickle.dump) is still read; the note is noise here
@@ -47,6 +50,20 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", what: str = "ch
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             reason = f"torch.load could not read it ({first[:160]})"
         raise CheckpointError(f"{p} is not a {what}: {reason}") from None
+
+
+def _read_safetensors(p: Path, map_location: Any, what: str) -> dict:
+    """A ``.safetensors`` file as a state dict (the format cannot hold code)."""
+    try:
+        from safetensors.torch import load_file  # lazy: installed with transformers
+    except ImportError as e:  # pragma: no cover - environment dependent
+        raise ImportError(f"reading {p} needs the safetensors package") from e
+    device = map_location if isinstance(map_location, str) else "cpu"
+    try:
+        return load_file(str(p), device=device)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{p} is not a {what}: {first[:160]}") from None
 
 
 def missing_keys_message(path: str | Path, what: str, missing: list[str], found: list[str]) -> str:

@@ -236,3 +236,20 @@ def test_from_checkpoint_errors_name_the_problem(tmp_path):
         assert e.value.__cause__ is None and e.value.__suppress_context__, name
     with pytest.raises(CheckpointError, match="folder"):
         VGGT.from_checkpoint(tmp_path)
+
+
+def test_from_checkpoint_reads_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from threed.checkpoints import CheckpointError
+
+    torch.manual_seed(0)
+    src = VGGT(VGGTConfig.small()).eval()
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, tmp_path / "m.safetensors")
+    loaded = VGGT.from_checkpoint(tmp_path / "m.safetensors", VGGTConfig.small())
+    x = torch.rand(2, 3, 56, 42)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)["pose_enc"], src(x)["pose_enc"])
+    (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.raises(CheckpointError, match="is not a VGGT checkpoint"):
+        VGGT.from_checkpoint(tmp_path / "bad.safetensors")

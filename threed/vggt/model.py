@@ -390,7 +390,8 @@ class VGGT(nn.Module):
 
         ``cfg`` defaults to the config stored in the file, else to the sizes read from
         the checkpoint's shapes (:func:`config_from_state_dict`; VGGT-1B for model.pt).
-        The file is read with ``weights_only=True``. A missing file raises
+        The file is read with ``weights_only=True`` (``*.safetensors`` with
+        safetensors). A missing file raises
         ``FileNotFoundError``; a file that is not a checkpoint, or a checkpoint of
         another model, raises :class:`~threed.checkpoints.CheckpointError` (a
         ``ValueError``) that names what is missing.
