@@ -29,18 +29,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["HoloPruneVideoLMM", "register"]
 
-_RESERVED = {
-    "pretrained",
-    "method",
-    "device",
-    "dtype",
-    "batch_size",
-    "max_frames_num",
-    "fps",
-    "attn_implementation",
-    "max_new_tokens",
-    "seed",
-}
 _FAMILIES = {"llava_onevision": ("llava_onevision",), "qwen2_vl": ("qwen2_vl", "qwen2_5_vl")}
 
 
@@ -102,6 +90,7 @@ class HoloPruneVideoLMM(_lmms_base()):
         attn_implementation: str | None = None,
         max_new_tokens: int | str = 16,
         seed: int | str = 0,
+        max_batch_size: int | str | None = None,  # lmms-eval passes it to every model; unused
         **method_params: Any,
     ) -> None:
         if _lmms_base() is not object:
