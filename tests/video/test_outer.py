@@ -230,3 +230,17 @@ def test_bad_inputs_raise():
         outer_merge(torch.randn(4, 15, 8), torch.rand(4, 15), layout="grid")
     with pytest.raises(ValueError, match="NaN"):
         outer_merge(x.clone().fill_(float("nan")), att)
+
+
+def test_matches_the_straightforward_reference_of_the_benchmark():
+    """The bench's comparison point (official loop structure, written independently)
+    gives the same tokens, in the same order."""
+    from benchmarks.video import reference_outer_merge, synthetic_clip
+
+    for seed in range(3):
+        x, att = synthetic_clip(seed, frames=12, tokens=49, dim=24)
+        nl = torch.randn(24)
+        for r in (0.1, 0.3):
+            got = outer_merge(x, att, retain_ratio=r, newline=nl)
+            ref = reference_outer_merge(x, att, retain_ratio=r, newline=nl)
+            torch.testing.assert_close(got.tokens, ref, rtol=1e-5, atol=1e-6)

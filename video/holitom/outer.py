@@ -37,7 +37,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from common.checks import (
     check_compute_dtype,
@@ -160,7 +159,6 @@ def _check_video(i: int, x: object, a: object) -> tuple[torch.Tensor, torch.Tens
         raise ValueError(f"{aname} must be [F, N] = {tuple(x.shape[:2])}, got {tuple(a.shape)}")
     if a.device != x.device:
         raise ValueError(f"{aname} is on {a.device} but {name} is on {x.device}")
-    check_finite(name, x)
     check_finite(aname, a)
     return x, a
 
@@ -178,13 +176,59 @@ def _check_newline(newline: object, d: int, device: torch.device) -> torch.Tenso
 # ----------------------------------------------------------------------------- pieces
 
 
-def _adjacent_similarity(xc: torch.Tensor) -> torch.Tensor:
-    """``[F, N, D] -> [F-1, N]`` in ``xc``'s dtype, with the official op sequence
-    (normalise, then cosine), so threshold decisions in bf16 come out the same."""
-    if xc.shape[0] < 2:
-        return xc.new_zeros(0, xc.shape[1])
-    xn = F.normalize(xc, p=2, dim=-1)
-    return F.cosine_similarity(xn[:-1], xn[1:], dim=-1)
+def _exact_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rows ``a, b [K, D] -> [K]`` in their dtype, bit-identical to the official
+    ``cosine_similarity(normalize(a), normalize(b))``: the same elementwise steps
+    (``x / max(|x|, 1e-12)``, again with ``1e-8`` as ``cosine_similarity`` does,
+    product, sum), each row independent of the others."""
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        y = x / torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True).clamp_min(1e-12)
+        return y / torch.linalg.vector_norm(y, 2, dim=-1, keepdim=True).clamp_min(1e-8)
+
+    return (unit(a) * unit(b)).sum(-1)
+
+
+def _static_above(xc: torch.Tensor, tau: float, name: str = "features") -> torch.Tensor:
+    """``[F, N, D] -> above [F-1, N]`` bool: the official ``sim > tau`` decisions exactly.
+
+    The official similarity (two normalisations of the whole clip, then a
+    cosine) costs several ``[F, N, D]`` temporaries; only its comparison with
+    ``tau`` is ever used. So: one cheap float32 cosine per adjacent pair
+    (norms once per frame, dots into a reused buffer), and the exact official
+    steps (:func:`_exact_similarity`, in ``xc``'s dtype) only for the pairs
+    within a safe margin of ``tau`` (1e-3 in float32, 4 eps for half types:
+    well above the rounding gap between the two computations, so every other
+    decision is certain). Also rejects non-finite features (a NaN or inf row
+    has a non-finite norm), without a separate pass.
+    """
+    f, n, d = xc.shape
+    half = xc.dtype in (torch.float16, torch.bfloat16)
+    acc = torch.float32 if half else xc.dtype
+    norms = torch.empty(f, n, dtype=acc, device=xc.device)
+    dots = torch.empty(max(f - 1, 0), n, dtype=acc, device=xc.device)
+    frame = [torch.empty(n, d, dtype=acc, device=xc.device) for _ in range(2)] if half else None
+    prod = torch.empty(n, d, dtype=acc, device=xc.device)
+    prev = None
+    for t in range(f):
+        cur = frame[t % 2].copy_(xc[t]) if half else xc[t]
+        torch.linalg.vector_norm(cur, 2, dim=-1, out=norms[t])
+        if prev is not None:
+            torch.sum(torch.mul(prev, cur, out=prod), -1, out=dots[t - 1])
+        prev = cur
+    if not bool(torch.isfinite(norms).all()):
+        raise ValueError(f"{name} contains NaN or inf values (or rows whose norm overflows)")
+    if f < 2:
+        return torch.zeros(0, n, dtype=torch.bool, device=xc.device)
+    cheap = dots / (norms[:-1] * norms[1:]).clamp_min(1e-30)
+    margin = max(1e-3, 4 * torch.finfo(xc.dtype).eps)
+    above = cheap > tau
+    unsure = ((cheap - tau).abs() <= margin).nonzero(as_tuple=True)
+    if unsure[0].numel():
+        t, p = unsure
+        exact = _exact_similarity(xc[t, p], xc[t + 1, p])
+        above[t, p] = exact > tau  # compared in xc's dtype, as the official tensor
+    return above
 
 
 @dataclass
@@ -203,7 +247,9 @@ class _Video:
 
 def _plan_video(xc: torch.Tensor, tau: float, max_window_size: int, retain_ratio: float) -> _Video:
     f, n, _ = xc.shape
-    sim = _adjacent_similarity(xc)
+    above = _static_above(xc, tau)
+    # the segmentation reads only `sim > tau`: a +-2 stand-in carries the exact decisions
+    sim = torch.where(above, 2.0, -2.0)
     segments, total_reduced = temporal_segmentation(sim, tau, max_window_size)
     if f > 1:
         static_mask = segment_static_masks(sim, segments, tau)
@@ -472,16 +518,19 @@ def _merge_one(
     n_static = p.static_mask.sum(1).tolist()
     multi = [k for k, (s, e) in enumerate(p.segments) if e > s and n_static[k] > 0]
     if multi:
-        # mean over the frames of each segment, of the static positions only
-        st_seg, st_pos = p.static_mask.nonzero(as_tuple=True)  # [T] segment-major
-        slot = torch.full((p.static_mask.shape[0], n), -1, dtype=torch.long, device=device)
-        slot[st_seg, st_pos] = torch.arange(st_seg.shape[0], device=device)
-        frame_slot = slot[p.seg_of_frame]  # [F, N]
-        use = frame_slot >= 0
+        # mean over the frames of each segment, of its static positions only; summed in
+        # float32 for half inputs and rounded once, as torch's mean of the official call
         acc = torch.float32 if xc.dtype in (torch.float16, torch.bfloat16) else xc.dtype
-        sums = torch.zeros(st_seg.shape[0], d, dtype=acc, device=device)
-        sums.index_add_(0, frame_slot[use], xc[use].to(acc))
-        means = (sums / seg_len[st_seg, None].to(acc)).to(xc.dtype)  # rounded as the official
+        st_seg, st_pos = p.static_mask.nonzero(as_tuple=True)  # [T] segment-major
+        means = torch.empty(st_seg.shape[0], d, dtype=xc.dtype, device=device)
+        start = 0
+        for k, (s, e) in enumerate(p.segments):
+            if n_static[k] == 0:
+                continue
+            pos = st_pos[start : start + n_static[k]]
+            total = torch.sum(xc[s : e + 1], dim=0, dtype=acc)[pos]
+            means[start : start + n_static[k]] = (total / (e - s + 1)).to(xc.dtype)
+            start += n_static[k]
         offsets = [0]
         for k in range(len(p.segments)):
             offsets.append(offsets[-1] + n_static[k])
@@ -524,18 +573,10 @@ def _merge_one(
     perm = torch.sort(key, stable=True).indices
     frame_t, pos_t, size_t, static_t = frame_t[perm], pos_t[perm], size_t[perm], static_t[perm]
 
-    # source rows: [xc flattened | merged pieces]; verbatim tokens read the input dtype
-    total = num_dyn + sum(t.shape[0] for t in pieces_tok)
+    # every output row gathered once, in order: [kept input tokens | merged pieces][perm]
     m = perm.shape[0]
-    assert m == total
-    src = perm  # index into the concatenated token list
-    tokens = torch.empty(m, d, dtype=dtype, device=device)
-    is_dyn = src < num_dyn
-    xflat = xc.reshape(f * n, d)
-    tokens[is_dyn] = xflat[dyn_tokens_src[src[is_dyn]]].to(dtype)
-    if pieces_tok:
-        merged_all = torch.cat(pieces_tok).to(dtype)
-        tokens[~is_dyn] = merged_all[src[~is_dyn] - num_dyn]
+    rows = [xc.reshape(f * n, d).index_select(0, dyn_tokens_src)] + pieces_tok
+    tokens = torch.cat([r.to(dtype) for r in rows]).index_select(0, perm)
 
     # --- newlines
     if nl is not None:
