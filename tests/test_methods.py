@@ -309,3 +309,43 @@ def test_llm_generate_with_cache_is_consistent(name):
         with spec.build(**spec.example).apply(model, spans=alone_spans):
             alone = generate(model, steps, input_ids=alone_ids).sequences
         assert torch.equal(alone[0, -steps:], gen.sequences[b, -steps:]), f"sample {b}"
+
+
+# ---------------------------------------------------------------------------- kind specifics
+
+
+def test_fastvggt_on_the_model_and_on_its_aggregator_is_one_claim():
+    case = _case("vggt")
+    spec = get_method("fastvggt")
+    on_model = case.apply(spec.build(**spec.example), case.model)
+    on_agg = spec.build(ratio=0.5).apply(case.model.aggregator)
+    try:
+        assert not on_model.active and on_agg.active
+        assert active_handle(case.model.aggregator) is on_agg
+        assert "MergeHandle(TokenMerging(ratio=0.5" in repr(on_agg)
+    finally:
+        on_agg.remove()
+    assert _unclaimed(case)
+
+
+def test_tsp3d_method_options():
+    from threed.tsp3d.methods import TSP3DPruning
+
+    assert TSP3DPruning().forward_kwargs() == {"prune": True}  # the config decides the rest
+    assert TSP3DPruning(prune=False).forward_kwargs() == {"prune": False}
+    assert TSP3DPruning(cba=False, keep_ratios=(0.5, 0.25)).forward_kwargs() == {
+        "prune": True,
+        "cba": False,
+        "keep_ratios": (0.5, 0.25),
+    }
+    with pytest.raises(ValueError, match="keep_ratios"):
+        TSP3DPruning(thresholds=(0.7, 0.3), keep_ratios=(0.5, 0.5))
+    with pytest.raises(ValueError, match="cba"):
+        TSP3DPruning(prune=False, cba=True)
+    case = _case("tsp3d")
+    with TSP3DPruning(cba=False).apply(case.model):
+        batch = case.model.scene_batch(torch.rand(500, 3) * 2, torch.rand(500, 3))
+        with pytest.raises(ValueError, match="cba is set by the applied"):
+            case.model(batch, ["a chair"], cba=True)
+    with pytest.raises(TypeError, match="TSP3DGrounder"):
+        TSP3DPruning().apply(nn.Linear(2, 2))
