@@ -18,7 +18,8 @@
 3. :func:`choose_schedule` picks gating layers and keep ratios meeting a
    prefill FLOPs target: for each candidate set of gating layers the floor
    is bisected to the largest value whose schedule meets the target, and the
-   set that keeps the most flow-weighted spatial tokens wins.
+   set that keeps the most flow-weighted spatial tokens wins (when even a zero floor
+   is not enough, the decay is steepened instead).
 
 Differences from the author code (``llava/eval/ATE_inference.py``), on purpose:
 it reads ``output_attentions`` of every layer (eager, all ``L x L`` maps at
@@ -362,7 +363,8 @@ def choose_schedule(
     Keep ratios follow the exponential-decay curve fitted to ``flow``; for
     each candidate set of ``stages`` gating layers (every layer for short
     decoders, a regular grid for deep ones) the curve's floor is bisected to
-    the largest value meeting the target, and the set retaining the most
+    the largest value meeting the target (past a zero floor the fitted decay
+    rate ``B`` is raised instead), and the set retaining the most
     flow-weighted spatial tokens (``sum_l keep_l * (flow_l + eps)``) wins.
     Raises ``ValueError`` when no candidate reaches the target.
     """
@@ -384,9 +386,15 @@ def choose_schedule(
     # fit the shape once (B), then only the floor moves
     _, b_fit, _, _ = fit_keep_curve(flow, floor=10.0)[0]
 
-    def keeps_for(layer_set: tuple[int, ...], floor: float) -> list[float]:
-        params = _curve(b_fit, num_layers, floor)
-        f = _eval_curve(params, x) / 100.0
+    def params_at(t: float) -> tuple[float, float, float, float]:
+        """One knob, monotone in cost: t in [0, 1] lowers the floor from 100 to 0 on the
+        fitted shape; t in (1, 2] then steepens the decay (B up to 1000x) at floor 0."""
+        if t <= 1.0:
+            return _curve(b_fit, num_layers, 100.0 * (1.0 - t) * 0.99999)
+        return _curve(b_fit * 1000.0 ** (t - 1.0), num_layers, 0.0)
+
+    def keeps_for(layer_set: tuple[int, ...], t: float) -> list[float]:
+        f = _eval_curve(params_at(t), x) / 100.0
         out, prev = [], 1.0
         for layer in layer_set:
             k = float(min(prev, max(min_keep, f[layer].item())))  # layer is 0-based: f(layer+1)
@@ -403,26 +411,27 @@ def choose_schedule(
 
     best: Schedule | None = None
     for layer_set in candidates:
-        if ratio(layer_set, keeps_for(layer_set, 0.0)) > target_flops:
+        if ratio(layer_set, keeps_for(layer_set, 2.0)) > target_flops:
             continue
-        lo, hi = 0.0, 99.999
-        for _ in range(30):
+        lo, hi = 0.0, 2.0  # bisect the knob to the mildest schedule meeting the target
+        for _ in range(40):
             mid = (lo + hi) / 2
             if ratio(layer_set, keeps_for(layer_set, mid)) <= target_flops:
-                lo = mid
-            else:
                 hi = mid
-        keeps = keeps_for(layer_set, lo)
+            else:
+                lo = mid
+        keeps = keeps_for(layer_set, hi)
         frac = schedule_tokens(layer_set, keeps, num_layers, 0.0, 1.0)
         retained = float((torch.as_tensor(frac, dtype=torch.float64) * weight).sum())
         if best is None or retained > best.retained + 1e-12:
+            params = params_at(hi)
             best = Schedule(
                 layers=tuple(layer_set),
                 keep=tuple(keeps),
-                floor=lo,
+                floor=float(_eval_curve(params, x[-1:])[0]),
                 flops_ratio=ratio(layer_set, keeps),
                 retained=retained,
-                params=_curve(b_fit, num_layers, lo),
+                params=params,
             )
     if best is None:
         floor_ratio = num_layers * (c1 * num_text + c2 * num_text**2) / full
