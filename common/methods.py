@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ __all__ = [
     "register_method",
     "registered_methods",
 ]
+
+logger = logging.getLogger(__name__)
 
 # patched module -> weak reference to its active handle
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
@@ -79,6 +82,7 @@ class MethodHandle:
         """Register as the active handle of ``key``, replacing (removing) any other first."""
         previous = active_handle(key)
         if previous is not None and previous is not self:
+            logger.info("replacing %r", previous)
             previous.remove()
         _ACTIVE[key] = weakref.ref(self)
         self._key = key

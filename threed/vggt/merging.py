@@ -45,7 +45,6 @@ upstream ``vggt`` package's VGGT (duck-typed: ``aggregator.global_blocks[i]
 
 from __future__ import annotations
 
-import logging
 import types
 from dataclasses import dataclass
 
@@ -58,15 +57,13 @@ from common.matching import Merge, grid_random_partition, match_src_to_dst
 from common.merging import scatter_merge
 from common.methods import MethodHandle, register_method
 
-log = logging.getLogger(__name__)
-
 __all__ = [
-    "TokenMerging",
     "MergeHandle",
     "MergePlan",
+    "TokenMerging",
+    "attention_share",
     "build_plan",
     "dst_mask",
-    "attention_share",
 ]
 
 _PROTECT = ("stride", "norm", None)
