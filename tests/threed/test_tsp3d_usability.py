@@ -258,3 +258,14 @@ def test_train_script_errors_and_resume(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "resuming from" in out and "at step 1 of 2" in out
     assert "1/2" in err and "0/1" not in err
+
+
+def test_module_level_thresholds_checked_too():
+    """TextGuidedPruning.prune_coarse and CompletionAddition take a threshold per call:
+    checked there as well (before any work)."""
+    m = _model().eval()
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="threshold must be in"):
+            m.tgp_scene.prune_coarse(None, torch.zeros(3), bad)
+        with pytest.raises(ValueError, match="threshold must be in"):
+            m.cba(None, None, None, None, None, threshold=bad)

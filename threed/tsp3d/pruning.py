@@ -299,6 +299,8 @@ class TextGuidedPruning(nn.Module):
         likely voxels of a batch item where none passes.
         """
         thr = self.threshold if threshold is None else float(threshold)
+        if not 0.0 <= thr < 1.0:  # NaN fails too
+            raise ValueError(f"threshold must be in [0, 1), got {threshold!r}")
         keep_prob = torch.sigmoid(-keep_logits.detach())
         bidx = x.indices[:, 0]
         if keep_ratio is not None:
@@ -420,6 +422,8 @@ class CompletionAddition(nn.Module):
         candidates, "sampled": [S] their rows in ``candidates``, "added": [S] bool}``.
         """
         thr = self.threshold if threshold is None else float(threshold)
+        if not 0.0 <= thr < 1.0:  # NaN fails too
+            raise ValueError(f"threshold must be in [0, 1), got {threshold!r}")
         rows = sample_per_batch(candidates.indices[:, 0], self.num_candidates, generator)
         c_idx = candidates.indices[rows]
         vis, txt = encode_voxels(
