@@ -15,6 +15,9 @@ implementation, and its cost against an unpruned prefill, side by side.
   model's own features (``[32, 196, 512]``) against the unpruned prefill of
   that decoder (Qwen2, hidden 512, 8 layers, 32 x 196 video tokens + newline +
   64 text tokens, SDPA): its share of the prefill. Goal: <= 5 %.
+- ``video_prefill/*`` (:mod:`benchmarks.video_prefill`): that decoder's
+  prefill unpruned vs HoliTom (outer stage at 10 % + inner merge) vs FastV at
+  (the nearest feasible) equal FLOPs, against the FLOPs-ideal ratio.
 
 The clips are synthetic with a known temporal structure (shots of 3-9 frames,
 each a static background with per-frame noise and a quarter of its positions
@@ -240,6 +243,8 @@ def outer_share_rows(quick: bool = False) -> list[dict]:
 
 def run(quick: bool = False) -> list[dict]:
     """Every figure of this area (see the module docstring)."""
-    rows = outer_stage_rows(quick) + outer_share_rows(quick)
+    from benchmarks.video_prefill import prefill_rows
+
+    rows = outer_stage_rows(quick) + outer_share_rows(quick) + prefill_rows(quick)
     logger.info("video benchmark: %s", rows)
     return rows

@@ -8,7 +8,17 @@ builds the shorter sequence (``input_ids`` with as many video placeholders as
 tokens, ``inputs_embeds``, attention mask, positions) and runs the model on
 it, in ``forward`` and in ``generate``.
 
-Supported models (the instance is wrapped, never the class):
+Mechanism: forward hooks on the instance (never the class, never a replaced
+``forward``): a pre-hook on the model rewrites the prefill's keyword
+arguments (``input_ids`` + video -> ``inputs_embeds`` of the shortened
+sequence, its mask and positions) and, on later calls that reuse that
+prefill's cache, maps the caller's full-length mask and positions onto the
+shortened prefix (so ``generate``'s own bookkeeping, and hand-written decode
+loops, stay consistent); hooks on the vision tower record its attention and
+Qwen2-VL's ``grid_thw`` whether the video is encoded inside ``forward`` or
+beforehand by ``generate`` (``mm_encoder_outputs``, transformers 5.x).
+
+Supported models:
 
 - ``LlavaOnevisionForConditionalGeneration`` (LLaVA-OneVision and LLaVA-Video
   checkpoints in HF format): features = projected, pooled video features
@@ -29,7 +39,9 @@ frame count and size as ``pixel_values_videos`` requires; merged lengths may
 differ: the batch is re-padded on the side it was padded on). Images in the
 same prompt are passed through unchanged only when there are none (prompts
 with both are refused). The first ``forward`` of a conversation (empty cache)
-is shortened; later calls on the same cache pass through.
+is shortened; later calls on the same cache get the shortened prefix's mask
+and positions. Beam search / several return sequences repeat each sample's
+prefix (``repeat_interleave``, as ``generate`` expands the batch).
 
 ``forward(**inputs)`` returns logits for the shortened sequence (its length is
 ``handle.last["input_ids"].shape[1]``); ``generate(**inputs)`` returns the
@@ -38,10 +50,10 @@ original prompt followed by the new tokens, as the unpatched model does.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -154,62 +166,113 @@ class _Videos:
     grid: list[tuple[int, int]] | None = None  # Qwen: (h, w) in LLM tokens per frame
 
 
-def _llava_videos(model: nn.Module, kwargs: dict, need_attention: bool) -> _Videos:
+class _VisionTap:
+    """Hooks on the vision tower while a handle is active.
+
+    ``generate`` (transformers 5.x) encodes the video before the first forward
+    and hands the model ``mm_encoder_outputs``; ``forward`` with pixel values
+    encodes it inside. Either way the tower runs, so the attention recorder
+    (:mod:`video.vision_attention`, on the layer the features come from) and a
+    pre-hook that keeps Qwen2-VL's ``grid_thw`` sit on the tower itself.
+    """
+
+    def __init__(self, model: nn.Module, kind: str, need_attention: bool) -> None:
+        inner = model.model
+        self.kind = kind
+        self.grid: Tensor | None = None
+        self.recorder = None
+        self._hooks: list[Any] = []
+        tower = inner.vision_tower if kind == "llava_onevision" else inner.visual
+        if kind == "qwen2_vl":
+            self._hooks.append(tower.register_forward_pre_hook(self._keep_grid, with_kwargs=True))
+        if need_attention:
+            from video.vision_attention import layer_for_feature_layer, record_vision_attention
+
+            layer = -1
+            if kind == "llava_onevision":
+                fl = model.config.vision_feature_layer
+                layer = layer_for_feature_layer(fl if isinstance(fl, int) else fl[-1])
+            self.recorder = record_vision_attention(tower, layer)
+
+    def _keep_grid(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        if isinstance(grid, Tensor):
+            self.grid = grid
+
+    def attention(self) -> Tensor | None:
+        """The last tower call's record (older ones are dropped)."""
+        if self.recorder is None or not self.recorder.records:
+            return None
+        last = self.recorder.records[-1]
+        self.recorder.records = []
+        return last
+
+    def clear(self) -> None:
+        if self.recorder is not None:
+            self.recorder.records = []
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self.recorder is not None:
+            self.recorder.remove()
+
+
+def _video_output(model: nn.Module, kwargs: dict, tap: _VisionTap) -> Any:
+    """The video encoder output: generate's precomputed one, or encoded here."""
+    pre = kwargs.get("mm_encoder_outputs")
+    if isinstance(pre, dict) and pre.get("video") is not None:
+        return pre["video"]
+    tap.clear()
+    inner = model.model
+    if tap.kind == "llava_onevision":
+        return inner.get_video_features(
+            kwargs["pixel_values_videos"],
+            vision_feature_layer=kwargs.get("vision_feature_layer")
+            or model.config.vision_feature_layer,
+            vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy")
+            or model.config.vision_feature_select_strategy,
+        )
+    return inner.get_video_features(kwargs["pixel_values_videos"], kwargs["video_grid_thw"])
+
+
+def _llava_videos(model: nn.Module, kwargs: dict, tap: _VisionTap) -> _Videos:
     inner = model.model
     cfg = model.config
-    pv = kwargs["pixel_values_videos"]
-    layer = kwargs.get("vision_feature_layer") or cfg.vision_feature_layer
-    strategy = kwargs.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
-    hook = None
-    if need_attention:
-        from video.vision_attention import layer_for_feature_layer, record_vision_attention
-
-        last = layer if isinstance(layer, int) else layer[-1]
-        hook = record_vision_attention(inner.vision_tower, layer_for_feature_layer(last))
-    try:
-        out = inner.get_video_features(
-            pv, vision_feature_layer=layer, vision_feature_select_strategy=strategy
-        )
-    finally:
-        if hook is not None:
-            hook.remove()
-    feats = getattr(out, "pooler_output", out)
-    b, f = pv.shape[:2]
-    feats = feats[:, :-1].reshape(b, f, -1, feats.shape[-1])  # drop the trailing newline
+    out = _video_output(model, kwargs, tap)
+    feats = getattr(out, "pooler_output", out)  # [B, F * N + 1, D] (trailing newline)
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    n = math.ceil(side / 2) ** 2
+    b = feats.shape[0]
+    f = (feats.shape[1] - 1) // n
+    feats = feats[:, :-1].reshape(b, f, n, feats.shape[-1])
     attention: list[Tensor | None] = [None] * b
-    if hook is not None:
-        recv = hook.pop()  # [B*F, P] (+1 for a CLS-style token under "default")
-        if strategy == "default":
+    recv = tap.attention()  # [B*F, P] (+1 for a CLS column under "default")
+    if recv is not None:
+        if recv.shape[1] == side * side + 1:
             recv = recv[:, 1:]
-        side = int(math.isqrt(recv.shape[1]))
-        grid = recv.view(b * f, 1, side, side)
+        grid = recv.reshape(b * f, 1, side, side)
         # pooled exactly as the features (apply_pooling: bilinear to ceil(side / 2))
         pooled = F.interpolate(grid, size=[math.ceil(side / 2)] * 2, mode="bilinear")
         attention = list(pooled.reshape(b, f, -1))
     return _Videos(list(feats), attention, inner.image_newline.detach())
 
 
-def _qwen_videos(model: nn.Module, kwargs: dict, need_attention: bool) -> _Videos:
+def _qwen_videos(model: nn.Module, kwargs: dict, tap: _VisionTap) -> _Videos:
     inner = model.model
-    grid = kwargs["video_grid_thw"]
-    hook = None
-    if need_attention:
-        from video.vision_attention import record_vision_attention
-
-        hook = record_vision_attention(inner.visual, -1)
-    try:
-        out = inner.get_video_features(kwargs["pixel_values_videos"], grid)
-    finally:
-        if hook is not None:
-            hook.remove()
+    out = _video_output(model, kwargs, tap)
+    grid = kwargs.get("video_grid_thw")
+    grid = tap.grid if grid is None else grid
+    if grid is None:
+        raise ValueError("video_grid_thw is needed to lay out Qwen2-VL video tokens")
     feats = getattr(out, "pooler_output", out)
-    if isinstance(feats, Tensor):
-        sizes = (grid.prod(-1) // inner.visual.spatial_merge_size**2).tolist()
-        feats = feats.split(sizes)
     merge = int(inner.visual.spatial_merge_size)
-    recv = None
-    if hook is not None:  # per patch -> per LLM token (the merger's merge^2 consecutive patches)
-        per_token = hook.pop().view(-1, merge * merge).mean(-1)
+    if isinstance(feats, Tensor):
+        feats = feats.split((grid.prod(-1) // merge**2).tolist())
+    recv = tap.attention()
+    if recv is not None:  # per patch -> per LLM token (the merger's merge^2 consecutive patches)
+        per_token = recv.view(-1, merge * merge).mean(-1)
         recv = per_token.split([int(x.shape[0]) for x in feats])
     videos, attention, hw = [], [], []
     for i, (x, (t, h, w)) in enumerate(zip(feats, grid.tolist())):
@@ -260,34 +323,23 @@ class VideoReduceHandle(MethodHandle):
         self.needs_attention = needs_attention
         self.last: dict[str, Any] | None = None
         self._claim(model)  # removes a handle already active on this model
-        self.inner = None
-        self._orig_forward = model.__dict__.get("forward")
-        self._orig_generate = model.__dict__.get("generate")
-        forward, generate = model.forward, model.generate
-        self._forward = forward
+        self._live: _Live | None = None
+        self._tap = _VisionTap(model, self.kind, needs_attention)
+        self._params = [n for n in inspect.signature(type(model).forward).parameters if n != "self"]
+        self._hooks = [
+            model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
+            model.register_forward_hook(self._post_hook),
+        ]
+        self.inner = inner(model) if inner is not None else None
 
-        @functools.wraps(forward)
-        def patched_forward(*args: Any, **kwargs: Any) -> Any:
-            return self._patched_forward(forward, *args, **kwargs)
-
-        @functools.wraps(generate)
-        def patched_generate(*args: Any, **kwargs: Any) -> Any:
-            return self._patched_generate(generate, *args, **kwargs)
-
-        model.forward = patched_forward
-        model.generate = patched_generate
-        if inner is not None:
-            self.inner = inner(model)
-
-    # ------------------------------------------------------------------ undo
     def _undo(self) -> None:
         if self.inner is not None:
             self.inner.remove()
-        for name, orig in (("forward", self._orig_forward), ("generate", self._orig_generate)):
-            if orig is None:
-                self.model.__dict__.pop(name, None)
-            else:
-                setattr(self.model, name, orig)
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._tap.remove()
+        self._live = None
 
     # ------------------------------------------------------------------ shortening
     @torch.no_grad()
@@ -305,16 +357,20 @@ class VideoReduceHandle(MethodHandle):
             attention_mask = torch.ones_like(input_ids)
         valid = attention_mask.bool()
         if self.kind == "llava_onevision":
-            videos = _llava_videos(model, kwargs, self.needs_attention)
+            videos = _llava_videos(model, kwargs, self._tap)
         else:
-            videos = _qwen_videos(model, kwargs, self.needs_attention)
+            videos = _qwen_videos(model, kwargs, self._tap)
         if len(videos.features) != b:
             raise NotImplementedError(
                 f"one video per sample is supported: {len(videos.features)} videos for batch {b}"
             )
         orig_pos = deltas = None
         if self.kind == "qwen2_vl":
-            orig_pos, deltas = _rope_index(model, input_ids, attention_mask, kwargs)
+            grid = kwargs.get("video_grid_thw")
+            grid = self._tap.grid if grid is None else grid
+            orig_pos, deltas = _rope_index(
+                model, input_ids, attention_mask, {**kwargs, "video_grid_thw": grid}
+            )
         embed = model.get_input_embeddings()
         dtype = embed.weight.dtype
         rows, reduced = [], []
@@ -428,8 +484,33 @@ class VideoReduceHandle(MethodHandle):
         if callable(set_sizes):
             set_sizes(None)
 
-    # ------------------------------------------------------------------ wrappers
-    def _split_video_kwargs(self, kwargs: dict) -> tuple[dict, dict]:
+    # ------------------------------------------------------------------ hooks
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        if args:  # name positional arguments (input_ids, ...) so they can be replaced
+            kwargs = {**dict(zip(self._params, args)), **kwargs}
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = _cache_len(cache) if cache is not None else 0
+        ids = kwargs.get("input_ids")
+        pre = kwargs.get("mm_encoder_outputs")
+        has_video = kwargs.get("pixel_values_videos") is not None or (
+            isinstance(pre, dict) and pre.get("video") is not None
+        )
+        if has_video and ids is not None and past == 0:
+            return (), self._prefill_kwargs(kwargs, cache)
+        live = self._live
+        if live is not None and past > 0 and cache is not None and live.cache() is cache:
+            return (), self._decode_kwargs(kwargs, live, past)
+        return None
+
+    def _post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        live = self._live
+        if live is not None and live.cache() is None:  # the model made the prefill's cache
+            cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+            if cache is not None:
+                live.cache = weakref.ref(cache)
+        self._release_inner()
+
+    def _prefill_kwargs(self, kwargs: dict, cache: Any) -> dict:
         video_keys = (
             "pixel_values_videos",
             "video_grid_thw",
@@ -438,76 +519,77 @@ class VideoReduceHandle(MethodHandle):
             "vision_feature_layer",
             "vision_feature_select_strategy",
             "mm_token_type_ids",
+            "mm_encoder_outputs",
         )
         video = {k: kwargs[k] for k in video_keys if k in kwargs}
-        rest = {k: v for k, v in kwargs.items() if k not in video_keys}
-        return video, rest
-
-    def _patched_forward(self, forward: Callable, *args: Any, **kwargs: Any) -> Any:
-        if args:  # positional input_ids (and beyond): name them
-            names = list(inspect.signature(forward).parameters)
-            kwargs.update(zip(names, args))
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        ids = kwargs.get("input_ids")
-        empty = cache is None or _cache_len(cache) == 0
-        if kwargs.get("pixel_values_videos") is None or ids is None or not empty:
-            return forward(**kwargs)
-        video, rest = self._split_video_kwargs(kwargs)
-        short = self.shorten(ids, rest.pop("attention_mask", None), **video)
-        self._record(short, kwargs.get("attention_mask"), ids)
-        rest.pop("input_ids", None)
-        rest.pop("position_ids", None)
-        if short.position_ids is not None:
-            rest["position_ids"] = short.position_ids
-            self.model.model.rope_deltas = short.rope_deltas
-        self._prepare_inner(short)
-        try:
-            return forward(
-                inputs_embeds=short.inputs_embeds, attention_mask=short.attention_mask, **rest
-            )
-        finally:
-            self._release_inner()
-
-    def _patched_generate(self, generate: Callable, *args: Any, **kwargs: Any) -> Any:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if kwargs.get("pixel_values_videos") is None or ids is None:
-            return generate(*args, **kwargs)
-        kwargs.pop("input_ids", None)
-        args = args[1:]
-        video, rest = self._split_video_kwargs(kwargs)
-        mask = rest.pop("attention_mask", None)
+        new = {k: v for k, v in kwargs.items() if k not in video_keys and k != "input_ids"}
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
         short = self.shorten(ids, mask, **video)
         self._record(short, mask, ids)
-        if short.position_ids is not None:
-            rest["position_ids"] = short.position_ids
+        new["inputs_embeds"] = short.inputs_embeds
+        new["attention_mask"] = short.attention_mask
+        pos = kwargs.get("position_ids")
+        text_pos = (short.attention_mask.cumsum(1) - 1).masked_fill(short.attention_mask == 0, 1)
+        if short.position_ids is not None:  # M-RoPE: the gathered original ids
+            mrope = short.position_ids
+            if isinstance(pos, Tensor) and pos.ndim == 3 and pos.shape[0] == 4:
+                mrope = torch.cat([text_pos[None].to(mrope), mrope])  # [text; t; h; w]
+            new["position_ids"] = mrope
             self.model.model.rope_deltas = short.rope_deltas
+        elif pos is not None:  # the caller (generate) numbers by the mask: do the same
+            new["position_ids"] = text_pos.to(pos.dtype) if isinstance(pos, Tensor) else None
+        cp = kwargs.get("cache_position")
+        if isinstance(cp, Tensor):
+            new["cache_position"] = torch.arange(short.input_ids.shape[1], device=cp.device)
+        full_len = ids.shape[1]
+        shift = None
+        if short.position_ids is None:  # consecutive positions: later ones move down
+            shift = (
+                (mask.sum(1) if mask is not None else torch.full((ids.shape[0],), full_len))
+                - short.attention_mask.sum(1)
+            ).to(ids.device)
+        self._live = _Live(
+            cache=weakref.ref(cache) if cache is not None else (lambda: None),
+            full_len=full_len,
+            short_mask=short.attention_mask,
+            shift=shift,
+        )
         self._prepare_inner(short)
-        try:
-            out = generate(
-                *args,
-                input_ids=short.input_ids,
-                inputs_embeds=short.inputs_embeds,
-                attention_mask=short.attention_mask,
-                **rest,
-            )
-        finally:
-            self._release_inner()
-        return _restore_prompt(out, short.input_ids, ids)
+        return new
+
+    def _decode_kwargs(self, kwargs: dict, live: _Live, past: int) -> dict:
+        """A later call on the shortened prefill's cache: mask / positions of the short prefix."""
+        new = dict(kwargs)
+        b = next(
+            (
+                t.shape[0]
+                for t in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+                if isinstance(t, Tensor)
+            ),
+            live.short_mask.shape[0],
+        )
+        reps = b // live.short_mask.shape[0]  # generate's beam / return-sequence expansion
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.ndim == 2 and mask.shape[1] >= live.full_len:
+            short = live.short_mask.repeat_interleave(reps, 0).to(mask)
+            new["attention_mask"] = torch.cat([short, mask[:, live.full_len :]], dim=1)
+        pos = kwargs.get("position_ids")
+        if live.shift is not None and isinstance(pos, Tensor):
+            new["position_ids"] = pos - live.shift.repeat_interleave(reps, 0).to(pos)[:, None]
+        cp = kwargs.get("cache_position")
+        if isinstance(cp, Tensor):
+            new["cache_position"] = torch.arange(past, past + cp.shape[0], device=cp.device)
+        return new
 
 
-def _restore_prompt(out: Any, short_ids: Tensor, full_ids: Tensor) -> Any:
-    """Replace the shortened prompt at the head of ``generate``'s output by the original one."""
-    seqs = out if isinstance(out, Tensor) else getattr(out, "sequences", None)
-    if not isinstance(seqs, Tensor):
-        return out
-    n = short_ids.shape[1]
-    reps = seqs.shape[0] // full_ids.shape[0]
-    head = full_ids.repeat_interleave(reps, dim=0) if reps > 1 else full_ids
-    restored = torch.cat([head.to(seqs), seqs[:, n:]], dim=1)
-    if isinstance(out, Tensor):
-        return restored
-    out.sequences = restored
-    return out
+@dataclass
+class _Live:
+    """What later calls on the cache of the last shortened prefill need."""
+
+    cache: Callable[[], Any]  # weak reference to that prefill's cache
+    full_len: int  # columns of the caller's prompt mask
+    short_mask: Tensor  # [B, L'] the shortened prompt's mask
+    shift: Tensor | None  # [B] positions removed before the text (consecutive positions)
 
 
 def _video_token_id(cfg: Any) -> int:
