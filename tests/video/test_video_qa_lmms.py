@@ -51,6 +51,14 @@ def test_plugin_layout_is_what_lmms_eval_loads():
         assert callable(cls.generate_until) and callable(cls.loglikelihood)
     spec = importlib.util.find_spec("video.lmms_plugin.tasks")
     assert spec is not None and spec.submodule_search_locations
+    # recent lmms-eval reads the "lmms_eval.models" entry point of the installed package
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    target = project["project"]["entry-points"]["lmms_eval.models"]["holoprune"]
+    module, attr = target.split(":")
+    assert callable(getattr(importlib.import_module(module), attr))
 
 
 def test_generate_until_matches_the_qa_path_and_keeps_order(synthetic):

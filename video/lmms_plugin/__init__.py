@@ -1,10 +1,13 @@
 """holoprune as an lmms-eval plugin: a video LLM with a token pruning method as an lmms-eval model.
 
-lmms-eval loads plugin models from the packages named in ``LMMS_EVAL_PLUGINS``
-(it imports ``<plugin>.models``, reads its ``AVAILABLE_MODELS`` and adds
-``<plugin>.tasks`` to its task path), so no fork is needed::
+Two registrations, so no fork is needed: the ``lmms_eval.models`` entry point
+(read from the installed package by recent lmms-eval, 0.7.3 checked: :func:`manifests`)
+and, for older versions, ``LMMS_EVAL_PLUGINS=video.lmms_plugin`` (lmms-eval
+imports ``<plugin>.models``, reads its ``AVAILABLE_MODELS`` and adds
+``<plugin>.tasks`` to its task path; 0.7 still honours it with a
+deprecation warning)::
 
-    pip install lmms-eval          # optional: holoprune works without it
+    pip install "holoprune[lmms]"  # optional: holoprune works without lmms-eval
     LMMS_EVAL_PLUGINS=video.lmms_plugin lmms-eval \\
         --model holoprune_llava_onevision \\
         --model_args pretrained=/models/llava-ov-7b-hf,method=holitom,retain_ratio=0.1 \\
@@ -20,7 +23,19 @@ arguments: ``pretrained``, ``method`` (a registry name: ``holitom``,
 :mod:`video.lmms_plugin.model`.
 """
 
-__all__ = ["HoloPruneLlavaOnevision", "HoloPruneQwen2VL", "HoloPruneVideoLMM"]
+__all__ = ["HoloPruneLlavaOnevision", "HoloPruneQwen2VL", "HoloPruneVideoLMM", "manifests"]
+
+
+def manifests() -> list:
+    """``ModelManifest``s for lmms-eval's ``lmms_eval.models`` entry point (needs lmms-eval)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    from video.lmms_plugin.models import AVAILABLE_MODELS
+
+    return [
+        ModelManifest(model_id=name, simple_class_path=f"video.lmms_plugin.models.{name}.{cls}")
+        for name, cls in AVAILABLE_MODELS.items()
+    ]
 
 
 def __getattr__(name: str):
