@@ -566,50 +566,20 @@ def _merge_one(
     frame_t, pos_t, size_t = torch.cat(frames), torch.cat(positions), torch.cat(sizes)
     group_t, static_t = torch.cat(groups), torch.cat(statics)
     seg_t = p.seg_of_frame[frame_t]
-    if o.layout == "one_token":
-        key = (((seg_t * 2 + (~static_t).long()) * f + frame_t) * 3 + group_t) * n + pos_t
-    else:
-        key = frame_t * n + pos_t
-    perm = torch.sort(key, stable=True).indices
-    frame_t, pos_t, size_t, static_t = frame_t[perm], pos_t[perm], size_t[perm], static_t[perm]
-
-    # every output row gathered once, in order: [kept input tokens | merged pieces][perm]
-    m = perm.shape[0]
+    key = (((seg_t * 2 + (~static_t).long()) * f + frame_t) * 3 + group_t) * n + pos_t
     rows = [xc.reshape(f * n, d).index_select(0, dyn_tokens_src)] + pieces_tok
-    tokens = torch.cat([r.to(dtype) for r in rows]).index_select(0, perm)
-
-    # --- newlines
-    if nl is not None:
-        nl = nl.to(dtype)
-        if o.layout == "one_token":
-            last = torch.tensor([f - 1], dtype=torch.long, device=device)
-            tokens = torch.cat([tokens, nl[None]])
-            frame_t = torch.cat([frame_t, last])
-            pos_t = torch.cat([pos_t, torch.tensor([NEWLINE], device=device)])
-            size_t = torch.cat([size_t, torch.zeros(1, dtype=torch.long, device=device)])
-            static_t = torch.cat([static_t, torch.zeros(1, dtype=torch.bool, device=device)])
-        elif m:
-            g = math.isqrt(n)
-            row = frame_t * g + pos_t // g
-            ends = torch.ones(m, dtype=torch.bool, device=device)
-            ends[:-1] = row[1:] != row[:-1]
-            # token i goes to slot i + (newlines before it); a newline after each row end
-            shift = torch.cumsum(ends.long(), 0) - ends.long()
-            tok_slot = torch.arange(m, device=device) + shift
-            nl_slot = tok_slot[ends] + 1
-            mm = m + int(ends.sum())
-            out = torch.empty(mm, d, dtype=dtype, device=device)
-            out[tok_slot] = tokens
-            out[nl_slot] = nl
-            fr = torch.empty(mm, dtype=torch.long, device=device)
-            fr[tok_slot], fr[nl_slot] = frame_t, frame_t[ends]
-            po = torch.full((mm,), NEWLINE, dtype=torch.long, device=device)
-            po[tok_slot] = pos_t
-            sz = torch.zeros(mm, dtype=torch.long, device=device)
-            sz[tok_slot] = size_t
-            st = torch.zeros(mm, dtype=torch.bool, device=device)
-            st[tok_slot] = static_t
-            tokens, frame_t, pos_t, size_t, static_t = out, fr, po, sz, st
+    tokens, frame_t, pos_t, size_t, static_t = arrange_tokens(
+        torch.cat([r.to(dtype) for r in rows]),
+        frame_t,
+        pos_t,
+        size_t,
+        static_t,
+        key,
+        layout=o.layout,
+        newline=nl,
+        num_frames=f,
+        tokens_per_frame=n,
+    )
     return OuterMergeResult(
         tokens=tokens,
         frame=frame_t,
@@ -620,3 +590,76 @@ def _merge_one(
         retain_ratio=float(r),
         static=static_t,
     )
+
+
+def arrange_tokens(
+    tokens: torch.Tensor,
+    frame: torch.Tensor,
+    position: torch.Tensor,
+    size: torch.Tensor,
+    static: torch.Tensor,
+    key: torch.Tensor | None,
+    *,
+    layout: str,
+    newline: torch.Tensor | None,
+    num_frames: int,
+    tokens_per_frame: int,
+    every_row: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Put reduced video tokens in LLM order and insert the newlines.
+
+    Args:
+        tokens: ``[M, D]`` in any order; ``frame``, ``position``, ``size``,
+            ``static``: ``[M]`` per token.
+        key: ``[M]`` long, the one-token order (ascending; ``None`` = by frame,
+            then position); the grid layout always orders by (frame, position).
+        layout: ``"one_token"``: one newline after the last token;
+            ``"grid"``: a newline after every row (``position // sqrt(N)``) of
+            every frame that holds a token, or, with ``every_row``, after every
+            row of such frames, empty ones included (VisionZip's official grid).
+        newline: ``[D]`` or ``None`` (no newline tokens).
+
+    Returns:
+        ``(tokens, frame, position, size, static)`` in order; a newline has
+        position :data:`NEWLINE`, size 0, not static, and the frame of its row
+        (the last frame for the one-token newline).
+    """
+    device = tokens.device
+    m = tokens.shape[0]
+    n = tokens_per_frame
+    if layout == "one_token":
+        if key is None:
+            key = frame * n + position
+        order = torch.sort(key, stable=True).indices
+        cols = [order]
+        if newline is not None:
+            cols.append(torch.tensor([m], device=device))  # the newline row, appended below
+    else:
+        g = math.isqrt(n)
+        row = frame * g + torch.div(position, g, rounding_mode="floor")
+        if newline is None:
+            nl_rows = row.new_zeros(0)
+        elif every_row:
+            fr = torch.unique(frame)
+            nl_rows = (fr[:, None] * g + torch.arange(g, device=device)).reshape(-1)
+        else:
+            nl_rows = torch.unique(row)
+        # tokens of a row by position, then its newline: key (row, is_newline, position)
+        k_tok = (row * 2) * n + position
+        k_nl = (nl_rows * 2 + 1) * n
+        order = torch.sort(torch.cat([k_tok, k_nl]), stable=True).indices
+        cols = [torch.where(order < m, order, m)]
+        nl_frame = torch.div(nl_rows, g, rounding_mode="floor")
+    idx = torch.cat(cols)
+    is_nl = idx == m
+    if newline is not None:
+        tokens = torch.cat([tokens, newline.to(tokens.dtype)[None]])
+        last = frame.new_full((1,), num_frames - 1)
+        frame = torch.cat([frame, last])
+        position = torch.cat([position, position.new_full((1,), NEWLINE)])
+        size = torch.cat([size, size.new_zeros(1)])
+        static = torch.cat([static, static.new_zeros(1)])
+    frame_out = frame[idx]
+    if layout == "grid" and newline is not None:
+        frame_out[is_nl] = nl_frame  # newline rows come in nl_rows order after the sort
+    return tokens.index_select(0, idx), frame_out, position[idx], size[idx], static[idx]
