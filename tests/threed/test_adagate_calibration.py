@@ -98,6 +98,23 @@ def test_flow_measurement_equals_the_full_attention_maps(impl):
     assert flow.num_spatial == 35.0
 
 
+def test_spatial_query_stride_estimates_intra_from_every_kth_query():
+    model = _llama()
+    ids = torch.randint(3, 128, (1, 70), generator=torch.Generator().manual_seed(5))
+    sample = {"input_ids": ids, "spatial_spans": [(10, 50)]}
+    flow = measure_spatial_flow(model, [sample], spatial_query_stride=3)
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        att = model(input_ids=ids, output_attentions=True).attentions
+    picked = torch.arange(10, 50, 3)
+    want = torch.stack([a[0].mean(0)[picked][:, 10:50].sum(-1).mean() for a in att])
+    torch.testing.assert_close(flow.intra, want, rtol=0, atol=1e-5)
+    exact = measure_spatial_flow(model, [sample])
+    torch.testing.assert_close(flow.text, exact.text)  # text queries are all still read
+    with pytest.raises(ValueError, match="spatial_query_stride"):
+        measure_spatial_flow(model, [sample], spatial_query_stride=0)
+
+
 def test_fit_recovers_a_known_decay_curve():
     num_layers, floor = 32, 12.0
     x = torch.arange(1, num_layers + 1, dtype=torch.float64)

@@ -138,6 +138,7 @@ def measure_spatial_flow(
     *,
     query_chunk: int = 512,
     keep_received: bool = True,
+    spatial_query_stride: int = 1,
 ) -> SpatialFlow:
     """Per-layer attention flow through spatial tokens of the unpruned ``model``.
 
@@ -147,7 +148,14 @@ def measure_spatial_flow(
         samples: calibration samples (see :func:`prepare_sample`).
         query_chunk: query rows per block; memory is ``O(B * chunk * L)``.
         keep_received: keep the per-token ``[L, S]`` received attention.
+        spatial_query_stride: estimate the intra-spatial flow from every
+            ``k``-th spatial query of each span (1: every query, exact); the
+            recomputed rows, the main cost next to the forward, shrink about ``k``-fold.
     """
+    if isinstance(spatial_query_stride, bool) or not isinstance(spatial_query_stride, int):
+        raise ValueError(f"spatial_query_stride must be an int >= 1, got {spatial_query_stride!r}")
+    if spatial_query_stride < 1:
+        raise ValueError(f"spatial_query_stride must be an int >= 1, got {spatial_query_stride}")
     from common.engine import find_decoder_layers, versions
     from common.engine.attention import attention_rows
 
@@ -178,9 +186,9 @@ def measure_spatial_flow(
             mask = mask if isinstance(mask, Tensor) else None
             if mask is None and not bool(real.all()):
                 mask = real.long()  # 2D padding mask for attention_rows
-            start = int(spatial.float().argmax(1).min())  # first spatial position of any row
-            for q0 in range(start, length, query_chunk):
-                q_idx = torch.arange(q0, min(q0 + query_chunk, length), device=hidden.device)
+            queries = state["queries"].to(hidden.device)  # positions whose rows are needed
+            for q0 in range(0, queries.numel(), query_chunk):
+                q_idx = queries[q0 : q0 + query_chunk]
                 rows = attention_rows(module, hidden, pe, q_idx, mask)  # [B, n, L]
                 on_spatial = (rows * spatial[:, None, :]).sum(-1).double().cpu()  # [B, n]
                 q_cpu = q_idx.cpu()
@@ -207,7 +215,12 @@ def measure_spatial_flow(
             first = torch.where(spatial.any(1), spatial.float().argmax(1), length)
             after = torch.arange(length, device=spatial.device)[None] > first[:, None]
             text_q = (after & ~spatial & real).cpu().double()
-            sp = spatial.cpu().double()
+            sp = spatial.cpu()
+            if spatial_query_stride > 1:  # every k-th token of each row's spatial span(s)
+                rank = sp.long().cumsum(1) - 1
+                sp = sp & (rank % spatial_query_stride == 0)
+            queries = ((sp | text_q.bool()).any(0)).nonzero().flatten()
+            sp = sp.double()
             # per-row means: over that row's spatial queries, over its text queries
             state.update(
                 spatial=spatial,
@@ -215,6 +228,7 @@ def measure_spatial_flow(
                 spatial_w=sp / sp.sum(1, keepdim=True).clamp(min=1),
                 text_w=text_q / text_q.sum(1, keepdim=True).clamp(min=1),
                 recv=torch.zeros(num_layers, b, length, dtype=torch.float64),
+                queries=queries,
             )
             _run_forward(model, kwargs)
             n_rows += b

@@ -51,6 +51,7 @@ def calibrate_profile(
     stages: int = 3,
     intra_weight: float = 0.5,
     query_chunk: int = 512,
+    spatial_query_stride: int = 1,
     model_name: str | None = None,
 ) -> AdaGateProfile:
     """Calibrate an AdaGate profile on the unpruned ``model``.
@@ -66,6 +67,8 @@ def calibrate_profile(
         intra_weight: weight of the intra-spatial flow against the
             text <- spatial flow in the combined flow, in [0, 1].
         query_chunk: query rows recomputed at once (memory ``O(chunk * L)``).
+        spatial_query_stride: estimate the intra-spatial flow from every k-th
+            spatial query (1: exact; larger: faster calibration).
         model_name: stored in the profile (default: the config's name or class).
     """
     if not 0 <= intra_weight <= 1:
@@ -75,7 +78,13 @@ def calibrate_profile(
         raise ValueError("samples is empty: calibration needs at least one sample")
     dims = decoder_dims(model)
     t0 = time.perf_counter()
-    flow = measure_spatial_flow(model, samples, query_chunk=query_chunk, keep_received=False)
+    flow = measure_spatial_flow(
+        model,
+        samples,
+        query_chunk=query_chunk,
+        keep_received=False,
+        spatial_query_stride=spatial_query_stride,
+    )
     combined = flow.combined(intra_weight)
     sched = choose_schedule(
         combined,
