@@ -27,7 +27,8 @@ for v in $COMPAT_VERSIONS; do
         "$py" -c "import torch" 2>/dev/null ||
             TORCH_SPEC="$TORCH_SPEC" TORCH_RECORD="$venv/.torch-index" bash .ci/install_torch.sh "$py"
         # pip picks the tokenizers release that this transformers pins
-        "$py" -m pip install --quiet "transformers==$v" "pytest>=8,<10" numpy einops tqdm
+        # matplotlib: the AdaGate calibration plots
+        "$py" -m pip install --quiet "transformers==$v" "pytest>=8,<10" numpy einops tqdm matplotlib
         "$py" -m pip install --quiet --no-deps -e .
         touch "$venv/.holoprune-compat"
     fi
