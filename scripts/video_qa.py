@@ -20,7 +20,15 @@ import sys
 from pathlib import Path
 
 from common.cli import configure_threads, setup_logging
-from common.runs import RunConfig, RunError, TrackRegistry, check_device, check_out_dir, run
+from common.runs import (
+    RunConfig,
+    RunError,
+    TrackContext,
+    TrackRegistry,
+    check_device,
+    check_out_dir,
+    run,
+)
 from video.qa import (
     ManifestError,
     VideoQAData,
@@ -86,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configure_threads(args.threads)
         check_out_dir(args.out)
-        check_device(args.device)
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        device = check_device(args.device, int(os.environ.get("LOCAL_RANK", "0")), world)
         check_model(args.model)
         tiny = args.model.startswith("tiny-random-")
         if not specs:
@@ -103,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             attn_implementation=args.attn_implementation,
             random_weights=tiny or args.random_weights,
         )
-        VideoQATrack(options, None).settings()  # bad methods / parameters fail before any work
+        # bad methods, parameters, or settings the model cannot take fail before any work
+        VideoQATrack(options, TrackContext(device=device, seed=args.seed)).check_settings()
         if args.manifest is None:
             from video.synthetic import ensure_synthetic_video_qa
 
@@ -117,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
             manifest, video_root=video_root, answers=args.answers, limit=args.limit
         )
         ids = [s.id for s in samples]
-        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         data = VideoQAData({s.id: s for s in samples}, ids[rank::world])
         summary = run(
             RunConfig(

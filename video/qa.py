@@ -908,6 +908,9 @@ class VideoQAOptions:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype}")
 
 
+_LOADED: dict[tuple, tuple] = {}  # the model of this process, by what it was loaded with
+
+
 @dataclass
 class VideoQAData:
     """What the script hands the track: samples by id and the order of this process's shard."""
@@ -985,14 +988,33 @@ class VideoQATrack(Track):
             device = torch.device(self.context.device)
             if dtype is None:
                 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            self._model, self._processor = load_model(
-                self.options.model,
-                device=device,
-                dtype=dtype,
-                attn_implementation=self.options.attn_implementation,
-                seed=self.context.seed,
-            )
+            key = (self.options.model, str(device), str(dtype))
+            key += (self.options.attn_implementation, self.context.seed)
+            if key not in _LOADED:  # one load per process (the settings check reuses it)
+                _LOADED.clear()
+                _LOADED[key] = load_model(
+                    self.options.model,
+                    device=device,
+                    dtype=dtype,
+                    attn_implementation=self.options.attn_implementation,
+                    seed=self.context.seed,
+                )
+            self._model, self._processor = _LOADED[key]
         return self._model, self._processor
+
+    def check_settings(self) -> None:
+        """Load the model and apply every setting's method once (then remove it), so a
+        setting the model cannot take (a layer past its depth...) stops the run before
+        any work instead of failing every sample. ``ValueError`` naming the setting."""
+        model, _ = self._load()
+        for setting in self.settings():
+            method = setting.build()
+            if method is None:
+                continue
+            try:
+                method.apply(model).remove()
+            except (ValueError, TypeError, NotImplementedError) as e:
+                raise ValueError(f"setting {setting.label} on {self.options.model}: {e}") from e
 
     def load_frames(self, sample: QASample):
         """Decoded frames of a sample, sampled as the options and the processor ask."""

@@ -109,6 +109,11 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert script.main(["--out", out, "--batch-size", "0", "--method", "fastv"]) == 2
     assert "batch_size" in capsys.readouterr().err
+    # HoliTom's paper layer 18 does not exist in the 4-layer tiny decoder: refused up front
+    assert script.main(["--out", out, "--method", "holitom", "--retain-ratio", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "setting holitom@retain_ratio=0.1" in err and "got 18" in err
+    assert not (tmp_path / "o" / "rows.jsonl").exists()
     assert script.main(["--out", out, "--model", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
