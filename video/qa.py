@@ -603,11 +603,14 @@ def answer_batch(
     *,
     method: Any = None,
     max_new_tokens: int = 8,
+    metadata: Sequence[dict] | None = None,
 ) -> list[dict]:
     """Answer one batch of questions with ``method`` applied (``None``: the unpruned model).
 
     Args:
         samples: the questions; ``videos``: their frames (``[T, H, W, 3]`` uint8 each).
+        metadata: per video, ``VideoClip.hf_metadata()`` (sampling rate and frame
+            indices: Qwen2.5-VL's temporal positions are in seconds).
 
     Returns:
         one dict per sample: ``prediction``, ``parsed``, ``correct`` (``None``
@@ -628,7 +631,11 @@ def answer_batch(
         prompts.append(
             processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         )
-    inputs = processor(text=prompts, videos=list(videos), return_tensors="pt", padding=True)
+    extra = {"video_metadata": list(metadata)} if metadata is not None else {}
+    inputs = processor(
+        text=prompts, videos=list(videos), return_tensors="pt", padding=True, **extra
+    )
+    inputs = {k: v for k, v in inputs.items() if k != "video_metadata"}
     dtype = next(model.parameters()).dtype
     inputs = {
         k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
@@ -957,7 +964,7 @@ class VideoQATrack(Track):
         self._model = None
         self._processor = None
         self._cache: dict[tuple[str, str], dict] = {}
-        self._frames: dict[str, Any] = {}
+        self._clips: dict[str, Any] = {}
         self._pos: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ setup
@@ -1016,8 +1023,8 @@ class VideoQATrack(Track):
             except (ValueError, TypeError, NotImplementedError) as e:
                 raise ValueError(f"setting {setting.label} on {self.options.model}: {e}") from e
 
-    def load_frames(self, sample: QASample):
-        """Decoded frames of a sample, sampled as the options and the processor ask."""
+    def load_clip(self, sample: QASample):
+        """The sample's :class:`video.io.VideoClip`, sampled as options and processor ask."""
         from video.io import load_video, loader_options
 
         _, processor = self._load()
@@ -1031,7 +1038,7 @@ class VideoQATrack(Track):
             end=sample.end,
             **loader_options(processor),
         )
-        return clip.frames
+        return clip
 
     # ------------------------------------------------------------------ rows
     def _positions(self) -> dict[str, int]:
@@ -1042,9 +1049,9 @@ class VideoQATrack(Track):
             self._pos = {sid: i for i, sid in enumerate(order)}
         return self._pos
 
-    def _batch(self, sample: QASample, frames) -> list[tuple[QASample, Any]]:
+    def _batch(self, sample: QASample, clip) -> list[tuple[QASample, Any]]:
         """This sample and up to ``batch_size - 1`` following ones with the same frame shape."""
-        batch = [(sample, frames)]
+        batch = [(sample, clip)]
         pos = self._positions()
         if self.options.batch_size == 1 or sample.id not in pos:
             return batch
@@ -1054,13 +1061,13 @@ class VideoQATrack(Track):
                 break
             other = data.samples[sid]
             try:
-                f = self.load_frames(other)
+                c = self.load_clip(other)
             except Exception as e:  # its own turn records the failure
                 logger.debug("not batching %s: %s", sid, e)
                 continue
-            if f.shape == frames.shape:
-                batch.append((other, f))
-                self._frames[sid] = f
+            if c.frames.shape == clip.frames.shape:
+                batch.append((other, c))
+                self._clips[sid] = c
         return batch
 
     def _setting_rows(self, setting: Setting, batch) -> dict[str, dict]:
@@ -1072,9 +1079,10 @@ class VideoQATrack(Track):
                 model,
                 processor,
                 samples,
-                [f for _, f in batch],
+                [c.frames for _, c in batch],
                 method=method,
                 max_new_tokens=self.options.max_new_tokens,
+                metadata=[c.hf_metadata() for _, c in batch],
             )
         except Exception:
             if len(batch) == 1:
@@ -1088,22 +1096,22 @@ class VideoQATrack(Track):
     def run_unit(self, unit: QASample, settings: list[Setting], progress) -> Iterator[dict]:
         sample = unit
         progress("decoding video")
-        frames = self._frames.pop(sample.id, None)
+        clip = self._clips.pop(sample.id, None)
         pos = self._positions()
         if sample.id in pos:
             # batch-mates whose rows an earlier run finished are never asked for: drop them
             here = pos[sample.id]
-            for sid in [k for k in self._frames if pos.get(k, -1) < here]:
-                del self._frames[sid]
+            for sid in [k for k in self._clips if pos.get(k, -1) < here]:
+                del self._clips[sid]
                 self._cache = {k: v for k, v in self._cache.items() if k[0] != sid}
-        if frames is None:
-            frames = self.load_frames(sample)  # a bad file fails this sample only
+        if clip is None:
+            clip = self.load_clip(sample)  # a bad file fails this sample only
         batch = None
         for setting in settings:
             key = (sample.id, setting.label)
             if key not in self._cache:
                 if batch is None:
-                    batch = self._batch(sample, frames)
+                    batch = self._batch(sample, clip)
                 progress(f"{setting.label} (batch {len(batch)})")
                 for sid, row in self._setting_rows(setting, batch).items():
                     self._cache[(sid, setting.label)] = row

@@ -281,3 +281,35 @@ def test_synthetic_incomplete_folder_is_regenerated(tmp_path):
 def test_synthetic_bad_arguments(tmp_path, kwargs, field):
     with pytest.raises(ValueError, match=field):
         ensure_synthetic_video_qa(tmp_path, **kwargs)
+
+
+def test_hf_metadata_gives_the_real_sampling_rate(counting_video):
+    """Qwen2.5-VL's processor turns ``VideoMetadata.sampled_fps`` into seconds per temporal
+    token: 4 frames over the 2 s window [1, 3] are 2 frames per second."""
+    from transformers.video_utils import VideoMetadata
+
+    clip = load_video(counting_video, num_frames=4, start=1.0, end=3.0)
+    meta = clip.hf_metadata()
+    assert meta["total_num_frames"] == 16 and meta["frames_indices"] == [0, 5, 10, 15]
+    assert VideoMetadata(**meta).sampled_fps == pytest.approx(2.0)
+    whole = load_video(counting_video, num_frames=10).hf_metadata()
+    assert VideoMetadata(**whole).sampled_fps == pytest.approx(2.0)  # 10 frames over 5 s
+
+
+def test_qwen2_5_vl_processor_reads_metadata_from_the_frame_processor(counting_video):
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
+
+    from video.io.processors import Qwen2VLFrameProcessor
+    from video.tiny import _lenient, build_tokenizer
+
+    size = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
+    proc = _lenient(Qwen2_5_VLProcessor)(
+        image_processor=Qwen2VLImageProcessorPil(size=size),
+        tokenizer=build_tokenizer(),
+        video_processor=Qwen2VLFrameProcessor(size=size),
+    )
+    clip = load_video(counting_video, num_frames=4, start=1.0, end=3.0, multiple_of=2)
+    text = "<|vision_start|><|video_pad|><|vision_end|>Q?"
+    out = proc(text=[text], videos=[clip.frames], video_metadata=[clip.hf_metadata()])
+    assert out["video_grid_thw"].tolist() == [[2, 4, 6]]  # 32x64 frames -> 56x84 (min pixels)
+    assert out["second_per_grid_ts"] == [pytest.approx(2 / 2.0)]  # temporal patch 2 at 2 fps

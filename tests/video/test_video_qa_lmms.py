@@ -141,5 +141,5 @@ def test_bad_model_args():
         lm.loglikelihood([])
     with pytest.raises(ValueError, match="video path or a list of frames"):
         lm._frames([3])
-    frames = lm._frames([np.zeros((8, 8, 3), np.uint8)] * 2)
-    assert frames.shape == (2, 8, 8, 3)
+    frames, meta = lm._frames([np.zeros((8, 8, 3), np.uint8)] * 2)
+    assert frames.shape == (2, 8, 8, 3) and meta is None

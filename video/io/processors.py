@@ -99,10 +99,27 @@ def _resize(video: np.ndarray, height: int, width: int) -> np.ndarray:
     )
 
 
+def _metadata(metadata: Any, videos: list[np.ndarray]) -> list:
+    """``VideoMetadata`` per video: the given ones (dicts or objects), else frame counts only."""
+    from transformers.video_utils import VideoMetadata
+
+    if metadata is None:
+        metadata = [None] * len(videos)
+    elif not isinstance(metadata, (list, tuple)):
+        metadata = [metadata]
+    out = []
+    for m, v in zip(metadata, videos):
+        if m is None:
+            m = {"total_num_frames": int(v.shape[0]), "height": v.shape[1], "width": v.shape[2]}
+        out.append(m if isinstance(m, VideoMetadata) else VideoMetadata(**dict(m)))
+    return out
+
+
 class FrameVideoProcessor:
     """Common part: the HF video processor attributes a processor reads, and the pixel steps."""
 
     model_input_names = ["pixel_values_videos"]
+    returns_metadata = False  # Qwen2-VL family: the processor reads ``video_metadata``
 
     def __init__(
         self,
@@ -141,7 +158,12 @@ class FrameVideoProcessor:
         return x
 
     def __call__(self, videos: Any, return_tensors: str | None = "pt", **kwargs: Any):
-        return self.preprocess(videos, return_tensors=return_tensors, **kwargs)
+        out = self.preprocess(videos, return_tensors=return_tensors, **kwargs)
+        metadata = kwargs.get("video_metadata")
+        if metadata is not None or self.returns_metadata:
+            # what HF video processors hand back (Qwen2.5-VL's processor reads sampled_fps)
+            out["video_metadata"] = _metadata(metadata, _as_videos(videos))
+        return out
 
     def preprocess(self, videos: Any, return_tensors: str | None = "pt", **kwargs: Any):
         raise NotImplementedError
@@ -176,6 +198,7 @@ class Qwen2VLFrameProcessor(FrameVideoProcessor):
     """Qwen2-VL's video processing (see the module docstring)."""
 
     model_input_names = ["pixel_values_videos", "video_grid_thw"]
+    returns_metadata = True
 
     def __init__(
         self,

@@ -89,6 +89,24 @@ class VideoClip:
     def duration(self) -> float:
         return self.total_frames / self.native_fps if self.native_fps > 0 else 0.0
 
+    def hf_metadata(self) -> dict[str, Any]:
+        """Fields of transformers' ``VideoMetadata`` for the sampled window.
+
+        Frame indices count from the window's first frame and ``total_num_frames``
+        is the window's length, so ``VideoMetadata.sampled_fps`` (what Qwen2.5-VL's
+        processor turns into seconds per temporal token) is the real sampling rate.
+        """
+        first, last = self.meta.get("window", (0, self.total_frames - 1))
+        return {
+            "total_num_frames": int(last - first + 1),
+            "fps": float(self.native_fps),
+            "width": int(self.frames.shape[2]),
+            "height": int(self.frames.shape[1]),
+            "duration": (last - first + 1) / self.native_fps if self.native_fps > 0 else None,
+            "video_backend": self.backend,
+            "frames_indices": [int(i) - int(first) for i in self.indices],
+        }
+
 
 def available_backends() -> list[str]:
     """The installed decoders, in the order they are tried."""
@@ -148,11 +166,7 @@ def sample_indices(
         raise ValueError(f"start must be >= 0 seconds, got {start}")
     if start is not None and end is not None and end <= start:
         raise ValueError(f"end ({end}) must be after start ({start})")
-    first, last = 0, total_frames - 1
-    if start is not None:
-        first = min(last, max(0, int(math.floor(start * native_fps))))
-    if end is not None:
-        last = max(first, min(last, int(math.ceil(end * native_fps)) - 1))
+    first, last = _window(total_frames, native_fps, start, end)
     if num_frames is not None:
         idx = np.linspace(first, last, int(num_frames)).astype(np.int64)
     else:
@@ -166,6 +180,18 @@ def sample_indices(
     if pad:
         idx = np.concatenate([idx, np.full(pad, idx[-1], dtype=np.int64)])
     return idx
+
+
+def _window(
+    total_frames: int, native_fps: float, start: float | None, end: float | None
+) -> tuple[int, int]:
+    """First and last frame index of the ``[start, end]`` seconds window, clipped to the file."""
+    first, last = 0, total_frames - 1
+    if start is not None:
+        first = min(last, max(0, int(math.floor(start * native_fps))))
+    if end is not None:
+        last = max(first, min(last, int(math.ceil(end * native_fps)) - 1))
+    return first, last
 
 
 def loader_options(processor: Any) -> dict[str, Any]:
@@ -268,6 +294,7 @@ def load_video(
             continue
         if size is not None:
             clip.frames = _resize(clip.frames, (int(size[0]), int(size[1])))
+        clip.meta["window"] = _window(clip.total_frames, clip.native_fps, start, end)
         if errors:
             logger.info("decoded %s with %s after: %s", path, name, "; ".join(errors))
         return clip

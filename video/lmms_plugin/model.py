@@ -211,8 +211,9 @@ class HoloPruneVideoLMM(_lmms_base()):
         return out
 
     # ------------------------------------------------------------------ internals
-    def _frames(self, visuals: Any) -> np.ndarray:
-        """``[T, H, W, 3]`` uint8 from a document's visuals (a video path, or frames)."""
+    def _frames(self, visuals: Any) -> tuple[np.ndarray, dict | None]:
+        """``[T, H, W, 3]`` uint8 from a document's visuals (a video path, or frames), and the
+        clip's sampling metadata (``None`` for frames given as images)."""
         from video.io import load_video, loader_options
 
         if isinstance(visuals, (list, tuple)) and len(visuals) == 1:
@@ -223,25 +224,28 @@ class HoloPruneVideoLMM(_lmms_base()):
                 kwargs.update(fps=self.fps, max_frames=self.max_frames_num)
             else:
                 kwargs["num_frames"] = self.max_frames_num
-            return load_video(visuals, **kwargs).frames
+            clip = load_video(visuals, **kwargs)
+            return clip.frames, clip.hf_metadata()
         if isinstance(visuals, (list, tuple)) and visuals:  # frames (PIL images or arrays)
             frames = [np.asarray(v.convert("RGB") if hasattr(v, "convert") else v) for v in visuals]
             if len({f.shape for f in frames}) != 1:
                 raise ValueError("frames of one document must share one size")
-            return np.stack(frames)
+            return np.stack(frames), None
         raise ValueError(
             f"expected a video path or a list of frames as the document's visual, got "
             f"{type(visuals).__name__}"
         )
 
     def _answer(self, batch: list) -> list[str]:
-        contexts, gen_kwargs, videos = [], batch[0].args[1] or {}, []
+        contexts, gen_kwargs, videos, metadata = [], batch[0].args[1] or {}, [], []
         for req in batch:
             context, _, doc_to_visual, doc_id, task, split = req.args
             doc = self.task_dict[task][split][doc_id] if split is not None else None
             if doc is None:
                 doc = self.task_dict[task][doc_id]
-            videos.append(self._frames(doc_to_visual(doc)))
+            frames, meta = self._frames(doc_to_visual(doc))
+            videos.append(frames)
+            metadata.append(meta)
             contexts.append(str(context).replace("<image>", "").strip())
         prompts = [
             self.processor.apply_chat_template(
@@ -256,7 +260,11 @@ class HoloPruneVideoLMM(_lmms_base()):
             )
             for c in contexts
         ]
-        inputs = self.processor(text=prompts, videos=videos, return_tensors="pt", padding=True)
+        extra = {"video_metadata": metadata} if all(m is not None for m in metadata) else {}
+        inputs = self.processor(
+            text=prompts, videos=videos, return_tensors="pt", padding=True, **extra
+        )
+        inputs = {k: v for k, v in inputs.items() if k != "video_metadata"}
         dtype = next(self._model.parameters()).dtype
         inputs = {
             k: (v.to(self._device, dtype) if v.is_floating_point() else v.to(self._device))
