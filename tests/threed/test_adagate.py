@@ -359,3 +359,28 @@ def test_llava3d_generate_is_cache_consistent():
                     use_cache=True,
                 )
     assert torch.equal(torch.stack(tokens, 1), gen[:, -4:])  # 4.37 prepends a start token
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("faithful", (False, True))
+def test_llava3d_layout_at_full_length(faithful):
+    """The LLaVA-3D layout at tiny width: 35 prefix tokens, ~1600 spatial tokens, one click,
+    ~40 question tokens; batch 2 (left-padded, different scene sizes) and each sample alone."""
+    model = build(seed=0, layers=4, hidden=32, heads=2, kv_heads=2)
+    ids, mask, images, clicks = llava3d_batch(
+        seed=6, scene_tokens=(1600, 1450), question=(40, 38), click=(True, False)
+    )
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    gate = AdaGate(layers=(1, 2, 3), keep=(0.5, 0.25, 0.125), faithful=faithful)
+    with gate.apply(model) as h:
+        both = model.generate(ids, attention_mask=mask, images=images, clicks=clicks, **kw)
+        assert h.last_counts == {1: [800, 725], 2: [400, 362], 3: [200, 181]}
+        for b in range(2):
+            real = mask[b].bool()
+            alone = model.generate(
+                ids[b : b + 1, real],
+                images=images[b : b + 1],
+                clicks=clicks if b == 0 else None,
+                **kw,
+            )
+            assert torch.equal(alone[0, -3:], both[b, -3:]), b
