@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from common.cli import setup_logging  # noqa: E402
 
-AREAS = ["primitives", "engine", "vggt", "tsp3d", "video"]
+AREAS = ["primitives", "engine", "vggt", "tsp3d", "video", "adagate"]
 
 
 def machine() -> dict:
