@@ -273,6 +273,9 @@ def _qwen_videos(model: nn.Module, kwargs: dict, tap: _VisionTap) -> _Videos:
     recv = tap.attention()
     if recv is not None:  # per patch -> per LLM token (the merger's merge^2 consecutive patches)
         per_token = recv.view(-1, merge * merge).mean(-1)
+        window_index = _window_index(inner.visual, grid)
+        if window_index is not None:  # Qwen2.5-VL: blocks run in window order; undo it
+            per_token = per_token[torch.argsort(window_index.to(per_token.device))]
         recv = per_token.split([int(x.shape[0]) for x in feats])
     videos, attention, hw = [], [], []
     for i, (x, (t, h, w)) in enumerate(zip(feats, grid.tolist())):
@@ -281,6 +284,24 @@ def _qwen_videos(model: nn.Module, kwargs: dict, tap: _VisionTap) -> _Videos:
         attention.append(recv[i].reshape(t, n) if recv is not None else None)
         hw.append((h // merge, w // merge))
     return _Videos(videos, attention, None, hw)
+
+
+def _window_index(visual: nn.Module, grid: Tensor) -> Tensor | None:
+    """Qwen2.5-VL's window order of the merged units (``None`` for Qwen2-VL: no windows)."""
+    window_size = getattr(visual, "window_size", None)
+    if window_size is None:
+        return None
+    get = getattr(visual, "get_window_index", None)  # transformers 4.x
+    if callable(get):
+        return get(grid)[0]
+    from transformers.vision_utils import get_vision_window_index
+
+    return get_vision_window_index(
+        grid,
+        spatial_merge_size=int(visual.spatial_merge_size),
+        window_size=int(window_size),
+        patch_size=int(visual.patch_size),
+    )[0]
 
 
 # ----------------------------------------------------------------------------- the handle

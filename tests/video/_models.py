@@ -88,24 +88,15 @@ def build_llava_ov(impl: str = "sdpa", seed: int = 0, layers: int = 4):
     return model, {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": videos}
 
 
-def build_qwen2_vl(impl: str = "sdpa", seed: int = 0, layers: int = 4):
-    """Qwen2-VL: 112x112 frames, 14-px patches -> 8x8, merged 2x2 -> 16 tokens per 2 frames."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+def build_qwen2_vl(impl: str = "sdpa", seed: int = 0, layers: int = 4, version: str = "2"):
+    """Qwen2-VL: 112x112 frames, 14-px patches -> 8x8, merged 2x2 -> 16 tokens per 2 frames.
 
+    ``version="2.5"``: Qwen2.5-VL with 224x224 frames (16x16 patches, 8x8 tokens per
+    step) so its 112-px attention windows split each frame into 2x2 windows.
+    """
     torch.manual_seed(seed)
-    vision = dict(
-        depth=2,
-        embed_dim=32,
-        hidden_size=32,
-        num_heads=2,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        in_channels=3,
-    )
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
-    cfg = Qwen2VLConfig(
-        vision_config=vision,
+    common = dict(
         text_config=dict(_TEXT, num_hidden_layers=layers, rope_parameters=rope),
         image_token_id=100,
         video_token_id=VIDEO_ID,
@@ -113,12 +104,46 @@ def build_qwen2_vl(impl: str = "sdpa", seed: int = 0, layers: int = 4):
         vision_end_token_id=103,
         attn_implementation=impl,
     )
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    if version == "2":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=32,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        )
+        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(vision_config=vision, **common))
+        size = 112
+    else:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=_TEXT["hidden_size"],
+            fullatt_block_indexes=[1],
+            window_size=112,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+        cfg = Qwen2_5_VLConfig(vision_config=vision, **common)
+        cfg.text_config.bos_token_id, cfg.text_config.eos_token_id = 1, 2
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+        size = 224
+    model = model.eval()
     gen = torch.Generator().manual_seed(seed + 1)
-    t, h, w = FRAMES // 2, 8, 8
+    t, h, w = FRAMES // 2, size // 14, size // 14
     pixel_rows = []
     for static in (True, False):
-        frames = _video(gen, FRAMES, 112, static)  # [T, 3, 112, 112]
+        frames = _video(gen, FRAMES, size, static)  # [T, 3, size, size]
         # Qwen2-VL patch order: (t, h/2, w/2, 2, 2) groups of (C, tp, p, p)
         x = frames.view(t, 2, 3, h // 2, 2, 14, w // 2, 2, 14)
         x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(t * h * w, 3 * 2 * 14 * 14)
@@ -148,7 +173,16 @@ def build_qwen2_vl(impl: str = "sdpa", seed: int = 0, layers: int = 4):
     return model, inputs
 
 
-BUILDERS = {"llava_ov": build_llava_ov, "qwen2_vl": build_qwen2_vl}
+def build_qwen2_5_vl(impl: str = "sdpa", seed: int = 0, layers: int = 4):
+    """Qwen2.5-VL (windowed vision attention); see :func:`build_qwen2_vl`."""
+    return build_qwen2_vl(impl, seed, layers, version="2.5")
+
+
+BUILDERS = {
+    "llava_ov": build_llava_ov,
+    "qwen2_vl": build_qwen2_vl,
+    "qwen2_5_vl": build_qwen2_5_vl,
+}
 
 
 def sample(inputs: dict, i: int, kind: str) -> dict:
@@ -160,9 +194,9 @@ def sample(inputs: dict, i: int, kind: str) -> dict:
     }
     if kind == "llava_ov":
         out["pixel_values_videos"] = inputs["pixel_values_videos"][i : i + 1]
-    else:
-        per = inputs["pixel_values_videos"].shape[0] // 2
-        out["pixel_values_videos"] = inputs["pixel_values_videos"][i * per : (i + 1) * per]
-        out["video_grid_thw"] = inputs["video_grid_thw"][i : i + 1]
-        out["mm_token_type_ids"] = inputs["mm_token_type_ids"][i : i + 1, keep]
+        return out
+    per = inputs["pixel_values_videos"].shape[0] // 2
+    out["pixel_values_videos"] = inputs["pixel_values_videos"][i * per : (i + 1) * per]
+    out["video_grid_thw"] = inputs["video_grid_thw"][i : i + 1]
+    out["mm_token_type_ids"] = inputs["mm_token_type_ids"][i : i + 1, keep]
     return out

@@ -116,7 +116,7 @@ def test_prefill_is_shorter_and_generate_returns_the_original_prompt(kind):
 def _positions(kind, handle, new_ids):
     """Positions of the shortened prompt + ``new_ids`` as generate assigns them."""
     mask = handle.last["attention_mask"]
-    if kind == "qwen2_vl":
+    if kind.startswith("qwen"):
         pos = handle.last["position_ids"]  # [3, B, L']
         last = pos[..., -1:]
         steps = torch.arange(1, new_ids.shape[1] + 1)[None, None]
@@ -180,8 +180,9 @@ def test_batch_of_two_videos_matches_each_alone(kind, impl, inner):
 # ----------------------------------------------------------------------------- M-RoPE
 
 
-def test_qwen2_vl_keeps_original_mrope_ids_and_rope_deltas():
-    model, inputs = BUILDERS["qwen2_vl"]("sdpa")
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_keeps_original_mrope_ids_and_rope_deltas(kind):
+    model, inputs = BUILDERS[kind]("sdpa")
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     full_pos, _ = model.model.get_rope_index(
         ids,
@@ -189,12 +190,13 @@ def test_qwen2_vl_keeps_original_mrope_ids_and_rope_deltas():
         video_grid_thw=inputs["video_grid_thw"],
         attention_mask=mask,
     )
+    _, h, w = inputs["video_grid_thw"][0].tolist()
+    n = (h // 2) * (w // 2)  # LLM tokens per temporal step
     with HoliTom(retain_ratio=0.25, tau=0.65, inner_ratio=0.0).apply(model) as handle:
         with torch.no_grad():
             model(**inputs)
         pos = handle.last["position_ids"]
         short = handle.last["input_ids"]
-        n = 16  # tokens per temporal step (4 x 4)
         for b in range(2):
             res = handle.last["reduced"][b]
             start = int((ids[b] == VIDEO_ID).nonzero()[0])
@@ -210,6 +212,40 @@ def test_qwen2_vl_keeps_original_mrope_ids_and_rope_deltas():
             full_next = int(full_pos[:, b, valid].max()) + 1
             short_len = int(handle.last["attention_mask"][b].sum())
             assert int(model.model.rope_deltas[b]) + short_len == full_next
+
+
+def test_qwen2_5_vl_attention_follows_the_llm_token_order():
+    """Qwen2.5-VL runs its vision blocks in window order: each LLM token must get the
+    attention of its own merged unit (matched here by the merged feature itself)."""
+    from video.hf import _qwen_videos, _VisionTap
+    from video.vision_attention import record_vision_attention
+
+    model, inputs = BUILDERS["qwen2_5_vl"]("sdpa")
+    visual = model.model.visual
+    out: dict = {}
+    hook = visual.blocks[-1].register_forward_hook(lambda m, a, o: out.update(h=o))
+    tap = _VisionTap(model, "qwen2_vl", True)
+    raw = record_vision_attention(visual, -1)  # per patch, window order
+    try:
+        with torch.no_grad():
+            videos = _qwen_videos(model, inputs, tap)
+    finally:
+        hook.remove()
+        tap.remove()
+        raw.remove()
+    with torch.no_grad():
+        merged_window_order = visual.merger(out["h"])  # [S/4, D] in window order
+    per_unit = raw.pop().view(-1, 4).mean(-1)  # window order
+    feats = torch.cat([v.reshape(-1, v.shape[-1]) for v in videos.features])
+    att = torch.cat([a.reshape(-1) for a in videos.attention])
+    dist = torch.cdist(feats, merged_window_order)
+    j = dist.argmin(1)
+    assert float(dist.min(1).values.max()) < 1e-3  # every token is one merged unit
+    # the static clip repeats units across frames: check the tokens matched unambiguously
+    unique = dist.kthvalue(2, 1).values > 1e-2
+    assert int(unique.sum()) >= len(j) // 2
+    assert not torch.equal(j[unique], torch.arange(len(j))[unique])  # windows reorder
+    torch.testing.assert_close(att[unique], per_unit[j[unique]])
 
 
 # ----------------------------------------------------------------------------- inner fold
