@@ -129,7 +129,7 @@ def _text_config(hidden_size: int, num_layers: int, vocab_size: int, tok, **extr
     )
 
 
-def _finish(model, tok, seed: int, dtype: torch.dtype):
+def _finish(model, tok, dtype: torch.dtype):
     model.eval().to(dtype)
     gen = model.generation_config
     gen.pad_token_id = tok.pad_token_id
@@ -188,7 +188,7 @@ def tiny_random_llava_onevision(
         attn_implementation=attn_implementation,
     )
     torch.manual_seed(seed)
-    model = _finish(LlavaOnevisionForConditionalGeneration(cfg), tok, seed, dtype)
+    model = _finish(LlavaOnevisionForConditionalGeneration(cfg), tok, dtype)
     size = {"height": image_size, "width": image_size}
     mean = std = (0.5, 0.5, 0.5)  # SigLIP's normalisation
     image_processor = LlavaOnevisionImageProcessorPil(
@@ -275,7 +275,7 @@ def tiny_random_qwen2_vl(
         attn_implementation=attn_implementation,
     )
     torch.manual_seed(seed)
-    model = _finish(Qwen2VLForConditionalGeneration(cfg), tok, seed, dtype)
+    model = _finish(Qwen2VLForConditionalGeneration(cfg), tok, dtype)
     size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
     image_processor = Qwen2VLImageProcessorPil(size=size)
     kw: dict[str, Any] = dict(size=size, patch_size=14, temporal_patch_size=2, merge_size=2)
