@@ -180,12 +180,19 @@ def build(kind: str, impl: str, seed: int = 0, layers: int = 4):
                 feats = getattr(feats, "pooler_output", feats)
                 n_image = int(feats[0].shape[0])
             else:  # 4.45 - 4.51: features, then packing with newlines
-                feats = model.get_image_features(
-                    pixel_values[:1],
-                    image_sizes[:1],
-                    vision_feature_layer=cfg.vision_feature_layer,
-                    vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-                )
+                if hasattr(model, "get_image_features"):
+                    feats = model.get_image_features(
+                        pixel_values[:1],
+                        image_sizes[:1],
+                        vision_feature_layer=cfg.vision_feature_layer,
+                        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                    )
+                else:  # 4.45 - 4.47: what its forward does inline
+                    hidden = model.vision_tower(pixel_values[0], output_hidden_states=True)
+                    sel = hidden.hidden_states[cfg.vision_feature_layer]
+                    if cfg.vision_feature_select_strategy == "default":
+                        sel = sel[:, 1:]
+                    feats = (model.multi_modal_projector(sel),)
                 feats, _ = model.pack_image_features(
                     feats,
                     image_sizes[:1],
@@ -333,3 +340,12 @@ def cache_len(cache, layer: int) -> int:
     if isinstance(cache, (tuple, list)):
         return int(cache[layer][0].shape[-2])
     return int(cache.get_seq_length(layer))
+
+
+def fresh_cache() -> dict:
+    """Forward kwargs with an empty DynamicCache (some 4.4x VLMs keep none unless given one)."""
+    if TF >= (5, 0, 0):
+        return {}
+    from transformers import DynamicCache
+
+    return {CACHE_KW: DynamicCache()}

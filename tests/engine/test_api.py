@@ -16,7 +16,16 @@ from common.engine import (
     span_mask,
     spans_from_token_id,
 )
-from tests.engine._tiny import CACHE_KW, IMAGE_ID, TF, build, cache_len, cache_of, hook_snapshot
+from tests.engine._tiny import (
+    CACHE_KW,
+    IMAGE_ID,
+    TF,
+    build,
+    cache_len,
+    cache_of,
+    fresh_cache,
+    hook_snapshot,
+)
 
 
 @pytest.mark.parametrize(
@@ -242,7 +251,7 @@ def test_several_spans_per_sample():
     length = inputs["input_ids"].shape[1]
     spans = [(4, 8), (10, 16)]  # 10 span tokens, both samples (sample 1's pads are text)
     with FastV(layer=1, keep_ratio=0.4).apply(model, spans=spans) as h, torch.no_grad():
-        out = model(**inputs, use_cache=True)
+        out = model(**inputs, use_cache=True, **fresh_cache())
     keep = h.last_plan["keep_idx"][1]
     assert keep.shape == (2, length - 10 + 4)
     span_set = set(range(4, 8)) | set(range(10, 16))

@@ -13,6 +13,7 @@ from tests.engine._tiny import (
     build,
     cache_len,
     cache_of,
+    fresh_cache,
     generate,
     hook_snapshot,
 )
@@ -73,7 +74,7 @@ def test_pruning_shortens_cache_keeps_text_and_generates(kind, impl):
     kwargs = {} if kind in ("llava_ov", "qwen2_vl") else {"spans": spans}
     with FastV(layer=2, keep_ratio=0.25).apply(model, **kwargs) as handle:
         with torch.no_grad():
-            out = model(**inputs, use_cache=True)
+            out = model(**inputs, use_cache=True, **fresh_cache())
         cache = _cache_of(out)
         for layer in range(4):
             want = length if layer < 2 else length - span_len + k
@@ -109,7 +110,7 @@ def test_pdrop_stages(kind, impl):
     span_len = spans[0][0][1] - spans[0][0][0]
     with PDrop(layers=(1, 3), ratios=(0.5, 0.5)).apply(model, spans=spans) as handle:
         with torch.no_grad():
-            out = model(**inputs, use_cache=True)
+            out = model(**inputs, use_cache=True, **fresh_cache())
         k1 = round(span_len * 0.5)
         k2 = round(k1 * 0.5)
         cache = _cache_of(out)

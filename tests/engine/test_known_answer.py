@@ -112,20 +112,29 @@ def test_vlm_pruned_prefill_matches_explicit_reference(kind, impl):
     """On the VLMs' language model (incl. Qwen2-VL's M-RoPE [3, B, L] positions)."""
     model, inputs, spans = build(kind, impl, seed=4)
     dec = model.get_decoder()
-    seen = {}
+    seen, seen0 = {}, {}
 
     def grab(mod, args, kwargs):
         seen.update(kwargs)
 
-    hook = dec.register_forward_pre_hook(grab, with_kwargs=True)
+    def grab0(mod, args, kwargs):
+        seen0.update(kwargs)
+
+    hooks = [
+        dec.register_forward_pre_hook(grab, with_kwargs=True),
+        dec.layers[0].register_forward_pre_hook(grab0, with_kwargs=True),
+    ]
     try:
         with PDrop(layers=(1, 2), ratios=(0.5, 0.4)).apply(model) as handle, torch.no_grad():
             got = model(**inputs).logits
             plan = dict(handle.last_plan["keep_idx"])
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     h, attn2d = seen["inputs_embeds"], seen["attention_mask"]
     pos = seen.get("position_ids")
+    if pos is None and getattr(seen0.get("position_ids"), "ndim", 0) == 3:
+        pos = seen0["position_ids"]  # 4.45: M-RoPE positions built inside the decoder
     b, t = h.shape[:2]
     if pos is None:
         pos = (attn2d.cumsum(-1) - 1).clamp(min=0)
