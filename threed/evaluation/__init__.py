@@ -19,6 +19,7 @@ TRACKS = TrackRegistry(
     {
         "vggt": "threed.vggt.track:VGGTTrack",
         "grounding": "threed.tsp3d.track:GroundingTrack",
+        "llava3d": "threed.llava3d.track:Llava3DTrack",
     }
 )
 
