@@ -383,3 +383,32 @@ def test_bad_fields_raise():
     with pytest.raises(ValueError, match="inner_layer|layer"):
         model, _ = BUILDERS["llava_ov"]("sdpa")
         HoliTom(inner_layer=18).apply(model)  # a 4-layer decoder
+
+
+# ----------------------------------------------------------------------------- known answer
+
+
+def test_static_background_collapses_and_the_moving_square_is_kept():
+    """Sample 0 of the LLaVA-OV batch: a static background with a white square sliding along
+    the top row of pooled tokens (columns 0-3 of the 4 x 4 grid, pixel geometry in
+    tests/video/_models.py). Through the real model path: one segment over all six
+    frames, the twelve other positions merged into one static token each (standing for
+    six frames), the square's row kept as dynamic tokens in every frame."""
+    model, inputs = BUILDERS["llava_ov"]("sdpa")
+    one = sample(inputs, 0, "llava_ov")
+    # tau between the background's adjacent-frame similarity (>= 0.999 here) and the
+    # square's (<= 0.99); retain 0.5 rebalances to r' = 1, so nothing else is dropped
+    with HoliTom(retain_ratio=0.5, tau=0.995, inner_ratio=0.0).apply(model) as handle:
+        with torch.no_grad():
+            model(**one)
+    res = handle.last["reduced"][0]
+    assert res.segments == [(0, 5)]
+    static = res.static & (res.position >= 0)
+    assert sorted(res.position[static].tolist()) == list(range(4, 16))
+    assert res.size[static].tolist() == [6] * 12
+    for t in range(6):
+        dyn = (~res.static) & (res.frame == t) & (res.position >= 0)
+        assert sorted(res.position[dyn].tolist()) == [0, 1, 2, 3]
+    assert int(res.is_newline.sum()) == 1 and bool(res.is_newline[-1])
+    # 96 video tokens + newline -> 12 static + 6 x 4 dynamic + newline
+    assert handle.last["short_length"][0] == handle.last["full_length"][0] - 97 + 37
