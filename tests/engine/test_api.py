@@ -340,3 +340,25 @@ def test_span_over_the_last_position_warns(caplog):
             model(**inputs)
     assert "last prompt position" in caplog.text
     assert h.num_pruned_prefills == 1
+
+
+def test_unsupported_transformers_versions_are_refused(monkeypatch):
+    import transformers
+
+    from common.engine import versions
+
+    model, _, spans = build("qwen2", "sdpa")
+    hooks0 = hook_snapshot(model)
+    monkeypatch.setattr(versions, "transformers_version", lambda: (4, 36, 2))
+    with pytest.raises(RuntimeError, match=r">=4\.37\.2,<6; installed: ") as err:
+        FastV(layer=1).apply(model, spans=spans)
+    assert transformers.__version__ in str(err.value)
+    monkeypatch.setattr(versions, "transformers_version", lambda: (6, 0, 0))
+    with pytest.raises(RuntimeError, match="installed"):
+        FastV(layer=1).apply(model, spans=spans)
+    assert hook_snapshot(model) == hooks0
+    if TF >= (4, 45, 0):  # a model class newer than the version: named with its own floor
+        vlm, _, vlm_spans = build("qwen2_vl", "sdpa")
+        monkeypatch.setattr(versions, "transformers_version", lambda: (4, 44, 0))
+        with pytest.raises(RuntimeError, match=r"qwen2_vl with transformers >=4\.45\.0"):
+            FastV(layer=1).apply(vlm, spans=vlm_spans)
