@@ -10,6 +10,15 @@ FastV / HoliTom formula with a SwiGLU MLP; the GQA-exact figure is reported
 too). Also times the recomputed attention row FastV scores with
 (:func:`common.engine.attention_rows`) against one full decoder layer.
 
+Per-sample budgets (``engine/masked_prefill``, ``engine/masked_decode``): a
+batch of 3 equal-length prompts, pruned at layer 2 by a plan that keeps
+``(k - k/2, k, k + k/2)`` span tokens (the masked path: kept sets padded to
+``k + k/2`` and the padding masked out of later layers and the cache) against
+the same plan keeping ``(k, k, k)`` (the equal-count path, no padding, no
+extra mask): the same total of real tokens. ``cost`` is masked / equal time;
+``padding_cost_ideal`` is what the padding slots alone should cost by the
+FLOPs formula, so ``cost / padding_cost_ideal`` is the masking overhead.
+
 The machine is shared: read ``speedup`` (a ratio measured in one run) rather
 than absolute seconds.
 """
@@ -21,7 +30,7 @@ import logging
 import torch
 
 from common.benchmark import compare, summarize, time_fn
-from common.engine import FastV, attention_rows
+from common.engine import FastV, PlanContext, TokenPlan, attention_rows, topk_per_sample
 from common.flops import count_flops, decoder_prefill_flops
 
 logger = logging.getLogger(__name__)
@@ -49,6 +58,120 @@ def _model(hidden: int, layers: int, inter: int, heads: int, kv_heads: int, impl
 def _cache_of(out):
     cache = getattr(out, "cache", None)  # transformers >= 5.x names it `cache`
     return cache if cache is not None else out.past_key_values
+
+
+class _FixedCounts(TokenPlan):
+    """Keep ``counts[b]`` span tokens of sample ``b`` at ``layer`` (last token's top attention)."""
+
+    def __init__(self, layer: int, counts: tuple[int, ...]) -> None:
+        self.layer, self.counts = layer, counts
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
+    def score(self, ctx: PlanContext) -> torch.Tensor:
+        return ctx.span_attention(-1)
+
+    def select(self, scores: torch.Tensor, ctx: PlanContext) -> torch.Tensor:
+        return topk_per_sample(scores, torch.tensor(self.counts), ctx.span_valid)
+
+
+def _masked_rows(quick: bool, repeats: int) -> list[dict]:
+    """Masked per-sample path vs equal-count path at the same total of kept tokens."""
+    if quick:
+        hidden, layers, inter, heads, kv_heads, span, text = 256, 4, 1408, 4, 2, 512, 64
+    else:
+        hidden, layers, inter, heads, kv_heads, span, text = 512, 8, 2816, 8, 2, 2048, 64
+    layer_k, batch = 2, 3
+    k = span // 4
+    uneven = (k - k // 2, k, k + k // 2)
+    even = (k, k, k)
+    model = _model(hidden, layers, inter, heads, kv_heads)
+    gen = torch.Generator().manual_seed(1)
+    n = span + text
+    ids = torch.randint(10, 1000, (batch, n), generator=gen)
+    spans = [(text // 2, text // 2 + span)]
+    masked, equal = _FixedCounts(layer_k, uneven), _FixedCounts(layer_k, even)
+
+    def prefill(plan):
+        def fn() -> None:
+            with plan.apply(model, spans=spans), torch.no_grad():
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+        return fn
+
+    with masked.apply(model, spans=spans) as h, torch.no_grad():
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        assert h.last_plan["span_kept"][layer_k].tolist() == list(uneven)
+        padded_len = h.last_plan["kept_length"][layer_k]
+    equal_len = n - span + k
+    assert padded_len == n - span + max(uneven)
+    timing = compare(prefill(equal), prefill(masked), repeats=repeats, warmup=1)
+    per_layer_eq = [n] * layer_k + [equal_len] * (layers - layer_k)
+    per_layer_pad = [n] * layer_k + [padded_len] * (layers - layer_k)
+    ideal = decoder_prefill_flops(per_layer_pad, hidden, inter, mlp="swiglu") / (
+        decoder_prefill_flops(per_layer_eq, hidden, inter, mlp="swiglu")
+    )
+    cost = 1.0 / timing["speedup"]  # masked time / equal time
+    rows = [
+        {
+            "name": "engine/masked_prefill",
+            "model": f"Qwen2 d={hidden} L={layers} m={inter} heads={heads}/{kv_heads} fp32 sdpa",
+            "batch": batch,
+            "tokens_per_sample": n,
+            "span_kept_masked": list(uneven),
+            "span_kept_equal": list(even),
+            "length_after_k_masked": padded_len,
+            "length_after_k_equal": equal_len,
+            "equal_median_s": timing["baseline"]["median_s"],
+            "masked_median_s": timing["method"]["median_s"],
+            "cost": cost,
+            "padding_cost_ideal": ideal,
+            "mask_overhead": cost / ideal,
+            "repeats": repeats,
+        }
+    ]
+
+    # decoding: `steps` single-token steps on each pruned cache (cropped back after each run)
+    steps = 8 if quick else 16
+    tok = ids[:, -1:]
+    model_m = _model(hidden, layers, inter, heads, kv_heads)
+    handles = [equal.apply(model, spans=spans), masked.apply(model_m, spans=spans)]
+    try:
+        with torch.no_grad():
+            cache_e = _cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
+            cache_m = _cache_of(model_m(input_ids=ids, use_cache=True, logits_to_keep=1))
+
+        def decode(m, cache) -> None:
+            mask = torch.ones(batch, n + steps, dtype=torch.long)
+            with torch.no_grad():
+                for t in range(steps):
+                    m(input_ids=tok, attention_mask=mask[:, : n + t + 1], cache=cache)
+            cache.crop(-steps)
+
+        dec = compare(
+            lambda: decode(model, cache_e),
+            lambda: decode(model_m, cache_m),
+            repeats=repeats,
+            warmup=1,
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows.append(
+        {
+            "name": "engine/masked_decode",
+            "batch": batch,
+            "steps": steps,
+            "cache_tokens_after_k_masked": padded_len,
+            "cache_tokens_after_k_equal": equal_len,
+            "equal_ms_per_step": 1e3 * dec["baseline"]["median_s"] / steps,
+            "masked_ms_per_step": 1e3 * dec["method"]["median_s"] / steps,
+            "cost": 1.0 / dec["speedup"],
+        }
+    )
+    return rows
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -195,5 +318,6 @@ def run(quick: bool = False) -> list[dict]:
             "row_over_pruned_prefill": row_t["median_s"] / timing["method"]["median_s"],
         }
     )
+    rows.extend(_masked_rows(quick, repeats))
     logger.info("engine benchmark: %s", rows)
     return rows
