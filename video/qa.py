@@ -781,7 +781,8 @@ def expand_settings(specs: Sequence[tuple[str, dict[str, str]]]) -> list[Setting
         values = {k: [_value(v) for v in _split_values(raw)] for k, raw in params.items()}
         swept = [k for k, v in values.items() if len(v) > 1]
         fixed = {k: v[0] for k, v in values.items() if len(v) == 1}
-        series = name + "".join(f" {k}={v}" for k, v in fixed.items())
+        # the plot's x axis is the ratio: a line is the method with its other fixed fields
+        series = name + "".join(f" {k}={v}" for k, v in fixed.items() if k not in _RATIO_PARAMS)
         keys = list(values)
         for combo in itertools.product(*(values[k] for k in keys)) if keys else [()]:
             p = dict(zip(keys, combo))
