@@ -298,6 +298,7 @@ def test_config_is_validated():
         ("patch_pixel", "middle"),
         ("invalid_depth", "inpaint"),
         ("align_colour", "yes"),
+        ("precision", "float16"),
     ):
         with pytest.raises(ValueError, match=field):
             SpatialTokenConfig(**{field: value})
@@ -314,3 +315,34 @@ def test_answer_normalisation_and_em():
     assert exact_match("table", ["brown chair"]) == (0, 0)
     scores = score_answers(["Two", "a red box", "blue"], [["2"], ["red box"], ["green"]])
     assert scores["em1"] == pytest.approx(2 / 3) and scores["em1_refined"] == pytest.approx(2 / 3)
+
+
+def test_bfloat16_unprojection_rounds_like_the_eval_scripts():
+    gen = torch.Generator().manual_seed(4)
+    depths = (torch.rand(1, 336, 336, generator=gen) * 4).to(torch.bfloat16)
+    k = torch.tensor([[403.9, 0, 167.65, 0], [0, 403.9, 167.65, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    pose = torch.eye(4)
+    pose[:3, 3] = torch.tensor([3.3, 1.7, 1.4])
+    pose = pose[None].to(torch.bfloat16)
+    kb = k[None].to(torch.bfloat16)
+    # LLaVA-3D's unproject on bfloat16 inputs: integer pixel grid minus bf16 centre, etc.
+    v, u = torch.meshgrid(torch.arange(336), torch.arange(336), indexing="ij")
+    z = depths.flatten(1)
+    x = (u.flatten() - kb[:, 0, 2, None]) * z / kb[:, 0, 0, None]
+    y = (v.flatten() - kb[:, 1, 2, None]) * z / kb[:, 1, 1, None]
+    cam = torch.stack([x, y, z, torch.ones_like(x)], -1)
+    world = (pose @ cam.transpose(1, 2)).transpose(1, 2)
+    world = (world[..., :3] / world[..., 3:]).reshape(1, 336, 336, 3)
+    ref = F.interpolate(world.permute(0, 3, 1, 2), size=(24, 24), mode="nearest")
+    ref = ref.permute(0, 2, 3, 1)
+    xyz, _ = patch_xyz(depths, kb, pose, 24, "corner", dtype=torch.bfloat16)
+    assert xyz.dtype == torch.bfloat16
+    assert torch.allclose(xyz.float(), ref.float(), rtol=0, atol=1e-6)
+    f32, _ = patch_xyz(depths.float(), k[None], pose.float(), 24, "corner")
+    assert (f32 - xyz.float()).abs().max() > 1e-3  # bfloat16 really changes the positions
+    views = _views(depths.float(), k[None], pose.float())
+    feats = torch.zeros(1, 576, 2)
+    tok = build_spatial_tokens(feats, views, SpatialTokenConfig(precision="bfloat16"))
+    assert tok.positions.dtype == torch.float32
+    inverse, coords = voxelize(xyz.reshape(-1, 3), 0.2)
+    assert torch.equal(tok.voxel_coords, coords)

@@ -98,6 +98,9 @@ class SpatialTokenConfig:
         align_colour: resample colour onto the depth camera before CLIP
             (LLaVA-3D does not: ``False``).
         seed: seed of the subsample above ``max_tokens``.
+        precision: ``"float32"`` or ``"bfloat16"`` for the unprojection and the
+            voxel keys (LLaVA-3D's eval scripts run them in bfloat16; see
+            :func:`patch_xyz`). Positions are returned in float32 either way.
     """
 
     num_views: int = 20
@@ -109,6 +112,7 @@ class SpatialTokenConfig:
     invalid_depth: str = "camera"
     align_colour: bool = False
     seed: int = 0
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         for name, low in (
@@ -137,6 +141,8 @@ class SpatialTokenConfig:
             raise ValueError(f"align_colour must be True or False, got {self.align_colour!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if self.precision not in ("float32", "bfloat16"):
+            raise ValueError(f"precision must be 'float32' or 'bfloat16', got {self.precision!r}")
 
     @property
     def grid(self) -> int:
@@ -330,15 +336,20 @@ def patch_xyz(
     poses: Tensor,
     grid: int = 24,
     patch_pixel: str = "corner",
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
-    """World xyz of each patch: ``([V, g, g, 3], valid [V, g, g])``.
+    """World xyz of each patch: ``([V, g, g, 3], valid [V, g, g])``, computed in ``dtype``.
 
     ``depths [V, S, S]`` metres, ``intrinsics [V, 4, 4]`` (pixel units of the
     ``S x S`` depth), ``poses [V, 4, 4]`` camera-to-world. Patch ``(i, j)``
     reads pixel ``(s i, s j)`` (``"corner"``, what ``F.interpolate(mode=
     "nearest")`` from S to g picks) or ``(s i + s // 2, s j + s // 2)``
     (``"centre"``), ``s = S / g``. ``valid`` is False where that depth is 0
-    (the point is then the camera centre).
+    (the point is then the camera centre). With ``dtype=torch.bfloat16`` the
+    pixel coordinates, the division and the pose product round as in
+    LLaVA-3D's evaluation scripts, which cast depths, poses and intrinsics to
+    bfloat16 (a ScanNet ``cx`` of 167.65 becomes 168, odd pixel coordinates above
+    256 snap to even ones).
     """
     if depths.ndim != 3 or depths.shape[1] != depths.shape[2]:
         raise ValueError(f"depths must be [V, S, S], got shape {tuple(depths.shape)}")
@@ -349,13 +360,16 @@ def patch_xyz(
         raise ValueError(f"patch_pixel must be 'corner' or 'centre', got {patch_pixel!r}")
     s = size // grid
     idx = torch.arange(grid) * s + (s // 2 if patch_pixel == "centre" else 0)
-    z = depths[:, idx][:, :, idx].float()  # [V, g, g]
-    v, u = torch.meshgrid(idx.float(), idx.float(), indexing="ij")
-    k = intrinsics.float()
+    z = depths[:, idx][:, :, idx].to(dtype)  # [V, g, g]
+    v, u = torch.meshgrid(idx.to(dtype), idx.to(dtype), indexing="ij")
+    k = intrinsics.to(dtype)
     fx, fy = k[:, 0, 0, None, None], k[:, 1, 1, None, None]
     cx, cy = k[:, 0, 2, None, None], k[:, 1, 2, None, None]
     cam = torch.stack([(u - cx) * z / fx, (v - cy) * z / fy, z, torch.ones_like(z)], -1)
-    world = torch.einsum("vij,vhwj->vhwi", poses.float(), cam)
+    nv = depths.shape[0]
+    # pose @ [x y z 1]^T per view, as LLaVA-3D's unproject multiplies
+    world = (poses.to(dtype) @ cam.reshape(nv, -1, 4).transpose(1, 2)).transpose(1, 2)
+    world = world.reshape(nv, grid, grid, 4)
     return world[..., :3] / world[..., 3:], z > 0
 
 
@@ -436,7 +450,12 @@ def build_spatial_tokens(
         raise ValueError(
             f"patch_features must be [V={nv}, {g * g}, C], got shape {tuple(patch_features.shape)}"
         )
-    xyz, valid = patch_xyz(views.depths, views.intrinsics, views.poses, g, cfg.patch_pixel)
+    dtype = getattr(torch, cfg.precision)
+    xyz, valid = patch_xyz(
+        views.depths, views.intrinsics, views.poses, g, cfg.patch_pixel, dtype=dtype
+    )
+    key_xyz = xyz.reshape(-1, 3)  # voxel keys in the unprojection's precision
+    xyz = xyz.float()
     flat_xyz = xyz.reshape(-1, 3)
     feats = patch_features.reshape(nv * g * g, -1)
     if position_embedding is not None:
@@ -446,7 +465,7 @@ def build_spatial_tokens(
         member = valid.reshape(-1)
         if not bool(member.any()):
             raise ValueError("no patch of the chosen views has depth: nothing to voxelize")
-    inverse, coords = voxelize(flat_xyz[member], float(cfg.voxel_size))
+    inverse, coords = voxelize(key_xyz[member], float(cfg.voxel_size))
     m = coords.shape[0]
     counts = torch.bincount(inverse, minlength=m)
     pooled = torch.zeros(m, feats.shape[1], dtype=feats.dtype).index_add_(0, inverse, feats[member])
