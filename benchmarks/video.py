@@ -23,8 +23,10 @@ The clips are synthetic with a known temporal structure (shots of 3-9 frames,
 each a static background with per-frame noise and a quarter of its positions
 replaced by fresh features every frame), so the segmentation has static runs
 to merge, as real videos do. Read ratios measured in one run, not absolute
-seconds (a shared machine). Each figure is structured as its own function so
-other parts (the prefill settings) can join this area.
+seconds (a shared machine); on a machine shared with other CPU-bound work run
+it with ``OMP_NUM_THREADS=1`` (two spinning OpenMP threads under load made
+both sides 5-10x slower here and the ratio meaningless). Each figure is its
+own function so other parts (the prefill settings) can join this area.
 """
 
 from __future__ import annotations
@@ -158,10 +160,10 @@ def outer_stage_rows(quick: bool = False) -> list[dict]:
         def reference(xs=xs, atts=atts, newline=newline):
             return [reference_outer_merge(x, a, newline=newline) for x, a in zip(xs, atts)]
 
-        # same tokens (float tolerance) before timing anything
+        # same tokens (float tolerance) before timing anything; this run is the warm-up
         for got, ref in zip(ours(), reference()):
             torch.testing.assert_close(got.tokens, ref, rtol=1e-5, atol=1e-5)
-        timing = compare(reference, ours, repeats=repeats, warmup=1)
+        timing = compare(reference, ours, repeats=repeats, warmup=0)
         res = ours()
         rows.append(
             {

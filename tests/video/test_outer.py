@@ -244,3 +244,29 @@ def test_matches_the_straightforward_reference_of_the_benchmark():
             got = outer_merge(x, att, retain_ratio=r, newline=nl)
             ref = reference_outer_merge(x, att, retain_ratio=r, newline=nl)
             torch.testing.assert_close(got.tokens, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_decisions_equal_the_official_similarity_near_tau(dtype):
+    """Pairs built with cosine within a few ulps of tau exercise the exact recompute:
+    every `sim > tau` decision equals the official normalise-then-cosine in the dtype."""
+    import torch.nn.functional as F
+
+    from video.holitom.outer import _static_above
+
+    g = torch.Generator().manual_seed(0)
+    f, n, d, tau = 6, 300, 64, 0.8
+    x = torch.randn(f, n, d, generator=g)
+    for t in range(1, f):
+        # x[t] = cos * x[t-1] + sin * orthogonal noise, cos spread tightly around tau
+        prev = F.normalize(x[t - 1], dim=-1)
+        noise = torch.randn(n, d, generator=g)
+        noise = F.normalize(noise - (noise * prev).sum(-1, keepdim=True) * prev, dim=-1)
+        c = tau + torch.linspace(-0.02, 0.02, n)[torch.randperm(n, generator=g)]
+        x[t] = (c[:, None] * prev + (1 - c[:, None] ** 2).sqrt() * noise) * 3.0
+    x = x.to(dtype)
+    xn = F.normalize(x, p=2, dim=-1)
+    official = F.cosine_similarity(xn[:-1], xn[1:], dim=-1) > tau
+    ours = _static_above(x, tau)
+    assert torch.equal(ours, official)
+    assert 0 < int(official.sum()) < official.numel()  # both sides of tau present
