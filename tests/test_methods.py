@@ -107,10 +107,27 @@ def _tsp3d_case() -> Case:
     return Case(model, run, lambda method, m: method.apply(m))
 
 
+def _video_case() -> Case:
+    """Tiny LLaVA-OneVision (4-layer Qwen2 decoder, SDPA), two different 6-frame videos in a
+    left-padded batch (tests/video/_models.py)."""
+    from tests.video._models import build_llava_ov
+
+    model, inputs = build_llava_ov("sdpa")
+
+    def run(m: nn.Module) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            logits = m(**inputs).logits
+            gen = m.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        return {"logits": logits, "generate": gen}
+
+    return Case(model, run, lambda method, m: method.apply(m), {"inputs": inputs})
+
+
 FACTORIES: dict[str, Callable[[], Case]] = {
     "llm": _llm_case,
     "vggt": _vggt_case,
     "tsp3d": _tsp3d_case,
+    "video": _video_case,
 }
 
 _CASES: dict[str, Case] = {}
