@@ -151,3 +151,16 @@ def test_script_runs_and_resumes_the_track(synthetic, tmp_path):
     assert "llava3d" in table and "adagate-adaptive" in table and "flops_ratio" in table
     assert main(argv) == 0  # resumes: nothing to redo
     assert (tmp_path / "out" / "rows.jsonl").read_text().splitlines() == rows
+
+
+def test_track_module_imports_no_optional_dependency():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, threed.llava3d, threed.llava3d.track\n"
+        "heavy = ('transformers', 'open3d', 'spconv', 'matplotlib', 'PIL')\n"
+        "print(','.join(m for m in heavy if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
