@@ -307,10 +307,16 @@ def test_llava3d_generate_with_inputs_embeds(impl):
         assert "prepare_inputs_labels_for_multimodal" in model.__dict__
         assert "prepare_inputs_labels_for_multimodal" not in other.__dict__
         pruned = model.generate(ids, **kw)
-        assert h.spans == [[(47, 87)], [(35, 91)]]  # sample 0 (a click, 40 tokens) is padded
+        assert h.recorder.spans == [[(47, 87)], [(35, 91)]]  # sample 0 is left-padded
         assert h.last_counts == {1: [20, 28], 2: [10, 14], 3: [5, 7]}
         assert h.last_plan["span_kept"][3].tolist() == [5, 7]
+        # a text-only prompt afterwards (no input builder call) is not gated with stale spans
+        text = ids[:1, -12:]
+        gated_text = model.generate(text, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert h.last_plan is None
     assert pruned.shape == plain.shape
+    text_plain = model.generate(text, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(gated_text, text_plain)
     assert "prepare_inputs_labels_for_multimodal" not in model.__dict__
     assert torch.equal(model.generate(ids, **kw), plain)  # removed: the model is as before
 

@@ -299,7 +299,9 @@ class AdaGateHandle(EngineHandle):
 
     Attributes:
         gate: the :class:`AdaGate`.
-        spans: the spatial spans declared for the coming prefill(s).
+        spans: the spatial spans declared for the coming prefill(s) (LLaVA-3D:
+            recorded by the input builder and dropped once a prefill used them;
+            ``recorder.spans`` keeps the last recorded ones).
         last_plan: see :class:`common.engine.EngineHandle` (``keep_idx``,
             ``span_kept`` per sample, ...).
         last_counts: ``{layer: [kept span tokens per sample]}`` of the
@@ -318,8 +320,25 @@ class AdaGateHandle(EngineHandle):
         self.spans = [] if llava3d else spans
         super().__init__(model, _AdaGatePlan(gate), spans=self.spans)
         self.method = gate
+        self._recorded_pending = False
         if llava3d:
-            self.recorder = SpanRecorder(model, self.set_spans, image_token_index=image_token_index)
+            self.recorder = SpanRecorder(
+                model, self._on_recorded, image_token_index=image_token_index
+            )
+            # after the engine's own layer-0 hook (registered first) has read the recorded
+            # spans for this prefill, forget them: a later prefill that did not go through
+            # the input builder (LLaVA-3D's text-only generate) must not reuse them
+            self._hooks.append(self.layers[0].register_forward_pre_hook(self._consume_recorded))
+
+    def _on_recorded(self, spans: list[list[tuple[int, int]]]) -> None:
+        self.set_spans(spans)
+        self._recorded_pending = True
+
+    def _consume_recorded(self, module: nn.Module, args: tuple) -> None:
+        if self._recorded_pending:
+            self._recorded_pending = False
+        elif self.recorder is not None and self.spans:
+            self.set_spans([])
 
     def set_spans(self, spans: Any) -> None:
         """Declare the spatial spans for the next prefill(s)."""
