@@ -164,3 +164,141 @@ def test_track_module_imports_no_optional_dependency():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+class _Tokenizer:
+    """What the LLaVA-3D path needs of a tokenizer (word-hash ids; see WordTokenizer)."""
+
+    def __init__(self):
+        from threed.llava3d.track import WordTokenizer
+
+        self.words = WordTokenizer(128)
+
+    def encode(self, text):
+        return self.words.encode(text)
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self.words.decode(ids)
+
+
+def _fake_llava(monkeypatch, model, tokenizer):
+    """A ``llava`` package with the names the track's checkpoint path imports, serving
+    the test stand-in of LLaVA-3D (tests/threed/llava3d_standin.py)."""
+    import sys
+    import types
+
+    import torch
+
+    from threed.llava3d.track import SYSTEM
+
+    class Conv:
+        roles = ("USER", "ASSISTANT")
+
+        def __init__(self):
+            self.messages = []
+
+        def copy(self):
+            return Conv()
+
+        def append_message(self, role, message):
+            self.messages.append((role, message))
+
+        def get_prompt(self):
+            turns = " ".join(f"{r}: {m}" if m is not None else f"{r}:" for r, m in self.messages)
+            return f"{SYSTEM} {turns}"
+
+    def tokenizer_image_token(prompt, tok, index, return_tensors=None):
+        before, after = prompt.split("<image>")
+        return torch.tensor([1, *tok.encode(before), index, *tok.encode(after)])
+
+    modules = {
+        "llava": {},
+        "llava.constants": {"IMAGE_TOKEN_INDEX": -200, "DEFAULT_IMAGE_TOKEN": "<image>"},
+        "llava.conversation": {"conv_templates": {"llava_v1": Conv()}},
+        "llava.mm_utils": {
+            "tokenizer_image_token": tokenizer_image_token,
+            "get_model_name_from_path": lambda path: "llava3d-standin",
+        },
+        "llava.model": {},
+        "llava.model.builder": {
+            "load_pretrained_model": lambda path, base, name: (tokenizer, model, None, 4096)
+        },
+    }
+    for name, attrs in modules.items():
+        mod = types.ModuleType(name)
+        mod.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, mod)
+
+
+def test_llava3d_checkpoint_path_on_a_stand_in(monkeypatch, synthetic, scene, tmp_path):
+    """The --llava3d-model path (LLaVA-3D's prompt, generate(images=...), span found by
+    AdaGate through prepare_inputs_labels_for_multimodal) on the test stand-in whose scene
+    encoder pools our spatial tokens from the video tensors it is given."""
+    import torch
+
+    from tests.threed import llava3d_standin as standin
+    from threed.llava3d import SceneViews, build_spatial_tokens
+
+    class VideoStandIn(standin.Llava3DStandIn):
+        """Stand-in fed LLaVA-3D's video tensors: ``images [B, V, 3, S, S]`` (with depths,
+        poses, intrinsics) become 6-d spatial tokens (patch colour, xyz) before the
+        stand-in's own scene projection."""
+
+        def prepare_inputs_labels_for_multimodal(
+            self, ids, pos, mask, pkv, labels, images, *rest, **kw
+        ):
+            if torch.is_tensor(images) and images.ndim == 5:
+                depths, poses, intrinsics = rest[:3]
+                scenes = []
+                for b in range(images.shape[0]):
+                    im = images[b].float()
+                    v = im.shape[0]
+                    colour = (
+                        im.reshape(v, 3, 24, 14, 24, 14).mean((3, 5)).flatten(2).transpose(1, 2)
+                    )
+                    feats = torch.cat([colour, torch.zeros(v, 576, 3)], -1)
+                    views = SceneViews(
+                        im, depths[b].float(), poses[b].float(), intrinsics[b].float()
+                    )
+                    tok = build_spatial_tokens(
+                        feats,
+                        views,
+                        position_embedding=lambda p: torch.nn.functional.pad(p, (3, 0)),
+                    )
+                    scenes.append(tok.features)
+                images = scenes
+            return super().prepare_inputs_labels_for_multimodal(
+                ids, pos, mask, pkv, labels, images, *rest, **kw
+            )
+
+    torch.manual_seed(0)
+    model = VideoStandIn(standin.tiny_config(layers=8, vocab=128)).eval()
+    _fake_llava(monkeypatch, model, _Tokenizer())
+    _, syn = synthetic
+    track = _track(
+        syn,
+        "--llava3d-model",
+        str(tmp_path),
+        "--llava3d-questions",
+        "1",
+        "--llava3d-views",
+        "2",
+        "--llava3d-max-new-tokens",
+        "3",
+        "--adagate-layers",
+        "2,4,6",
+    )
+    assert track.real and track.accuracy_valid
+    rows = list(track.run_unit(scene, track.settings(), lambda _: None))
+    by = {r["setting"]: r for r in rows}
+    assert list(by) == ["full", "adagate", "adagate-adaptive", "adagate-profile", "fastv"]
+    n = by["full"]["spatial_tokens"]
+    assert n > 50 and by["full"]["agreement"] == 1.0 and by["full"]["flops_ratio"] == 1.0
+    assert by["adagate"]["spatial_left"] == round(n * 0.125)
+    assert by["adagate"]["flops_ratio"] < 0.5
+    assert abs(by["fastv"]["flops_ratio"] - by["adagate"]["flops_ratio"]) < 0.02
+    assert by["adagate-profile"]["flops_ratio"] < 0.45
+    for r in rows:
+        assert r["model"] == "LLaVA-3D" and r["accuracy_valid"] is True
+        assert [a["dataset"] for a in r["answers"]] == ["scanqa", "sqa3d"]
+        assert r["prefill_time_s"] > 0

@@ -35,8 +35,9 @@ With ``--llava3d-model PATH`` (a LLaVA-3D checkpoint; needs the ``llava``
 package of ZCMax/LLaVA-3D importable, its transformers 4.37.2 and a GPU):
 LLaVA-3D's own tokenizer, conversation template, encoders and ``generate``
 on the views this module prepares; AdaGate finds the spatial span through
-LLaVA-3D's ``prepare_inputs_labels_for_multimodal``. That path is written but
-has not been run here (no LLaVA-3D install, no weights, no GPU).
+LLaVA-3D's ``prepare_inputs_labels_for_multimodal``. That path has not run
+with LLaVA-3D itself (no install, weights or GPU here); it is tested on the
+test stand-in of LLaVA-3D's calling pattern behind a fake ``llava`` package.
 """
 
 from __future__ import annotations
@@ -718,7 +719,7 @@ class Llava3DTrack(Track):
         plt.close(fig)
         return [path]
 
-    # ---------------------------------------------------------- real LLaVA-3D (not run here)
+    # ---------------------------------------------------------- LLaVA-3D checkpoints
     def _load_llava3d(self, path: Path) -> None:
         try:
             from llava.mm_utils import get_model_name_from_path
