@@ -320,8 +320,9 @@ def outer_merge(
             dominant tokens by attention, the rest of the budget as contextual
             tokens, DPC-kNN clusters of the remaining tokens of the frame
             merged as the static ones (emitted after the dominant tokens).
-            The official branch for it mis-broadcasts the positions and
-            crashes; this is what that code evidently meant.
+            The official branch for it mis-broadcasts the positions
+            (``pos.masked_select(mask.unsqueeze(-1))``) and crashes; this is
+            that branch with the broadcast fixed (checked side by side).
         knn_k: DPC-kNN neighbours (used as ``min(knn_k, clusters)``).
         max_window_size: longest segment the DP considers.
         layout: ``"one_token"`` (LLaVA-OneVision) or ``"grid"`` (LLaVA-Video;
