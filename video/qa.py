@@ -1,7 +1,7 @@
 """Multiple-choice video QA: manifests, prompts, answer parsing, per-batch evaluation,
 and the ``video_qa`` track that ``scripts/video_qa.py`` runs on :mod:`common.runs`.
 
-Manifests (:func:`read_manifest`): JSONL, JSON or CSV with ``id``, ``video``,
+Manifests (:func:`read_manifest`): JSONL, JSON, CSV / TSV or parquet with ``id``, ``video``,
 ``question``, ``options``, ``answer`` (a letter, an option's text or its
 index), optionally ``start`` / ``end`` in seconds; and the annotation layouts
 of MVBench (``video``, ``question``, ``candidates``, ``answer`` as text),
@@ -17,7 +17,10 @@ whether it is correct, the visual tokens the processor produced
 (``visual_tokens_after``) and those left at its last layer
 (``visual_tokens_final``), the analytic prefill FLOPs over the lengths every
 decoder layer really saw (HoliTom's ``4nd^2 + 2n^2d + 2ndm`` per layer, in
-TFLOPs), time to first token and total latency (of the sample's batch).
+TFLOPs), time to first token and total latency (of the sample's ``generate``
+call, after decoding and preprocessing: the first token's time is stamped by a
+logits processor, so it covers the vision tower, any outer-LLM reduction and
+the prefill).
 """
 
 from __future__ import annotations
