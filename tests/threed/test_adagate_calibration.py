@@ -239,3 +239,33 @@ def test_spatial_contribution_writes_json_and_png(tmp_path):
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
     data = json.loads((tmp_path / "spatial_contribution.json").read_text())
     assert data["low_share"] == res.low_share and data["threshold"] == 0.05
+
+
+@pytest.mark.slow
+def test_adagate_imports_with_torch_and_transformers_only():
+    """LLaVA-3D's environment: no spconv / open3d / matplotlib. ``from threed import AdaGate``
+    loads none of them, and gating plus calibration run there."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for name in ('spconv', 'open3d', 'matplotlib', 'decord', 'av'):\n"
+        "    sys.modules[name] = None  # importing them now raises ImportError\n"
+        "import torch\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "from threed import AdaGate\n"
+        "cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,\n"
+        "                  num_hidden_layers=3, num_attention_heads=2)\n"
+        "m = LlamaForCausalLM(cfg).eval()\n"
+        "ids = torch.randint(3, 60, (1, 40))\n"
+        "with AdaGate(layers=(1, 2), keep=(0.5, 0.25)).apply(m, spatial_spans=[(5, 30)]) as h:\n"
+        "    m.generate(ids, max_new_tokens=2, do_sample=False)\n"
+        "    assert h.last_counts == {1: [12], 2: [6]}, h.last_counts\n"
+        "p = AdaGate.calibrate(m, [{'input_ids': ids, 'spatial_spans': [(5, 30)]}],\n"
+        "                      target_flops=0.9, stages=1)\n"
+        "print('ok', p.layers)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ok")
