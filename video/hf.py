@@ -131,12 +131,22 @@ class ShortInputs:
     reduced: list[Any]
 
 
+def _base(model: nn.Module) -> nn.Module:
+    """The module holding the vision tower and video helpers: ``model.model`` on
+    transformers 5.x, the top-level model on 4.x (Qwen2-VL there keeps ``model.model``
+    for the text decoder)."""
+    inner = getattr(model, "model", None)
+    if inner is not None and (hasattr(inner, "visual") or hasattr(inner, "vision_tower")):
+        return inner
+    return model
+
+
 def video_model_kind(model: nn.Module) -> str:
     """``"llava_onevision"`` or ``"qwen2_vl"`` (also Qwen2.5-VL); ``TypeError`` otherwise."""
-    inner = getattr(model, "model", None)
-    if inner is not None and hasattr(inner, "apply_pooling") and hasattr(inner, "image_newline"):
+    inner = _base(model)
+    if hasattr(inner, "apply_pooling") and hasattr(inner, "image_newline"):
         return "llava_onevision"
-    if inner is not None and hasattr(inner, "get_rope_index") and hasattr(inner, "visual"):
+    if hasattr(inner, "get_rope_index") and hasattr(inner, "visual"):
         return "qwen2_vl"
     raise TypeError(
         "video reducers support LlavaOnevisionForConditionalGeneration and "
@@ -177,7 +187,7 @@ class _VisionTap:
     """
 
     def __init__(self, model: nn.Module, kind: str, need_attention: bool) -> None:
-        inner = model.model
+        inner = _base(model)
         self.kind = kind
         self.grid: Tensor | None = None
         self.recorder = None
@@ -225,7 +235,10 @@ def _video_output(model: nn.Module, kwargs: dict, tap: _VisionTap) -> Any:
     if isinstance(pre, dict) and pre.get("video") is not None:
         return pre["video"]
     tap.clear()
-    inner = model.model
+    inner = _base(model)
+    if tap.kind == "qwen2_vl" and not hasattr(inner, "get_video_features"):  # 4.x
+        pv = kwargs["pixel_values_videos"].type(inner.visual.dtype)
+        return inner.visual(pv, grid_thw=kwargs["video_grid_thw"])
     if tap.kind == "llava_onevision":
         return inner.get_video_features(
             kwargs["pixel_values_videos"],
@@ -238,7 +251,7 @@ def _video_output(model: nn.Module, kwargs: dict, tap: _VisionTap) -> Any:
 
 
 def _llava_videos(model: nn.Module, kwargs: dict, tap: _VisionTap) -> _Videos:
-    inner = model.model
+    inner = _base(model)
     cfg = model.config
     out = _video_output(model, kwargs, tap)
     feats = getattr(out, "pooler_output", out)  # [B, F * N + 1, D] (trailing newline)
@@ -260,7 +273,7 @@ def _llava_videos(model: nn.Module, kwargs: dict, tap: _VisionTap) -> _Videos:
 
 
 def _qwen_videos(model: nn.Module, kwargs: dict, tap: _VisionTap) -> _Videos:
-    inner = model.model
+    inner = _base(model)
     out = _video_output(model, kwargs, tap)
     grid = kwargs.get("video_grid_thw")
     grid = tap.grid if grid is None else grid
@@ -556,7 +569,7 @@ class VideoReduceHandle(MethodHandle):
             if isinstance(pos, Tensor) and pos.ndim == 3 and pos.shape[0] == 4:
                 mrope = torch.cat([text_pos[None].to(mrope), mrope])  # [text; t; h; w]
             new["position_ids"] = mrope
-            self.model.model.rope_deltas = short.rope_deltas
+            _base(self.model).rope_deltas = short.rope_deltas
         elif pos is not None:  # the caller (generate) numbers by the mask: do the same
             new["position_ids"] = text_pos.to(pos.dtype) if isinstance(pos, Tensor) else None
         cp = kwargs.get("cache_position")
@@ -569,11 +582,15 @@ class VideoReduceHandle(MethodHandle):
                 (mask.sum(1) if mask is not None else torch.full((ids.shape[0],), full_len))
                 - short.attention_mask.sum(1)
             ).to(ids.device)
+        next_pos = None
+        if short.rope_deltas is not None:  # next M-RoPE id of each sample (full prompt's)
+            next_pos = (short.rope_deltas[:, 0] + short.attention_mask.sum(1)).to(ids.device)
         self._live = _Live(
             cache=weakref.ref(cache) if cache is not None else (lambda: None),
             full_len=full_len,
             short_mask=short.attention_mask,
             shift=shift,
+            next_pos=next_pos,
         )
         self._prepare_inner(short)
         return new
@@ -597,6 +614,24 @@ class VideoReduceHandle(MethodHandle):
         pos = kwargs.get("position_ids")
         if live.shift is not None and isinstance(pos, Tensor):
             new["position_ids"] = pos - live.shift.repeat_interleave(reps, 0).to(pos)[:, None]
+        if live.next_pos is not None:
+            # M-RoPE ids of new tokens, whatever the caller derived them from (transformers
+            # 4.x adds rope_deltas to the full-length cache_position, 5.x to the mask count):
+            # the full prompt's next id + tokens decoded since the prefill
+            q = next(
+                t.shape[1]
+                for t in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+                if isinstance(t, Tensor)
+            )
+            done = past - live.short_mask.shape[1]
+            step = torch.arange(q, device=live.next_pos.device)
+            mrope = (live.next_pos.repeat_interleave(reps, 0)[:, None] + done + step)[None]
+            mrope = mrope.expand(3, -1, -1)
+            if isinstance(pos, Tensor) and pos.ndim == 3 and pos.shape[0] == 4:
+                count = live.short_mask.sum(1).repeat_interleave(reps, 0)
+                text = (count.to(step)[:, None] + done + step)[None]
+                mrope = torch.cat([text, mrope])
+            new["position_ids"] = mrope.to(pos.device if isinstance(pos, Tensor) else mrope.device)
         cp = kwargs.get("cache_position")
         if isinstance(cp, Tensor):
             new["cache_position"] = torch.arange(past, past + cp.shape[0], device=cp.device)
@@ -611,6 +646,7 @@ class _Live:
     full_len: int  # columns of the caller's prompt mask
     short_mask: Tensor  # [B, L'] the shortened prompt's mask
     shift: Tensor | None  # [B] positions removed before the text (consecutive positions)
+    next_pos: Tensor | None = None  # [B] M-RoPE id of the first decoded token (Qwen2-VL)
 
 
 def _video_token_id(cfg: Any) -> int:
@@ -627,7 +663,7 @@ def _rope_index(model: nn.Module, ids: Tensor, mask: Tensor, kwargs: dict) -> tu
     if mm is None:
         mm = (ids == _video_token_id(model.config)).to(torch.int32) * 2
     pos, deltas = _call_filtered(
-        model.model.get_rope_index,
+        _base(model).get_rope_index,
         input_ids=ids,
         mm_token_type_ids=mm,
         video_grid_thw=kwargs.get("video_grid_thw"),
