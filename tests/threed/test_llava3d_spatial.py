@@ -346,3 +346,41 @@ def test_bfloat16_unprojection_rounds_like_the_eval_scripts():
     assert tok.positions.dtype == torch.float32
     inverse, coords = voxelize(xyz.reshape(-1, 3), 0.2)
     assert torch.equal(tok.voxel_coords, coords)
+
+
+def test_caption_metrics_through_pycocoevalcap(monkeypatch):
+    """Where pycocoevalcap is installed its scorers get {id: [cleaned strings]} and their
+    scores land in the right keys (scorers faked here: pycocoevalcap is not installed)."""
+    import sys
+    import types
+
+    seen = {}
+
+    def scorer(name, score):
+        class Scorer:
+            def __init__(self, *args):
+                pass
+
+            def compute_score(self, gts, res):
+                seen[name] = (gts, res)
+                if name == "meteor":
+                    raise FileNotFoundError("java")  # METEOR without a Java runtime
+                return score, None
+
+        return Scorer
+
+    for mod, cls, score in (
+        ("bleu.bleu", "Bleu", [0.9, 0.8, 0.7, 0.6]),
+        ("cider.cider", "Cider", 1.5),
+        ("meteor.meteor", "Meteor", 0.3),
+        ("rouge.rouge", "Rouge", 0.4),
+    ):
+        m = types.ModuleType(f"pycocoevalcap.{mod}")
+        setattr(m, cls, scorer(mod.split(".")[0], score))
+        monkeypatch.setitem(sys.modules, f"pycocoevalcap.{mod}", m)
+    monkeypatch.setitem(sys.modules, "pycocoevalcap", types.ModuleType("pycocoevalcap"))
+    out = score_answers(["The Chair.", ""], [["chair", "a chair"], ["2"]])
+    assert out["bleu4"] == 0.6 and out["cider"] == 1.5 and out["rouge_l"] == 0.4
+    assert out["meteor"] is None  # failed scorer: left empty, the others still count
+    gts, res = seen["cider"]
+    assert res == {0: ["chair"], 1: ["empty"]} and gts == {0: ["chair", "chair"], 1: ["two"]}

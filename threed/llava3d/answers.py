@@ -8,7 +8,8 @@ ignored). Caption metrics (CIDEr, BLEU-4, METEOR, ROUGE-L) come from
 ``pycocoevalcap`` when it is installed; METEOR also needs Java. Upstream
 tokenises with PTBTokenizer (Java); here the normalised strings are split on
 spaces, which gives the same tokens for normalised answers (no punctuation
-but ``,'-:`` is left).
+but ``,'-:`` is left). An empty prediction is scored as the word "empty" (an
+empty line can stall METEOR's Java process).
 """
 
 from __future__ import annotations
