@@ -440,6 +440,9 @@ class Llava3DTrack(Track):
         out = [
             "fastv: FastV at layer 2 with the keep ratio whose analytic prefill FLOPs equal "
             "the adagate schedule's on the scene's first question.",
+            "prefill_time_s: median over a scene's questions of one prefill each ("
+            + ("time to the first token" if self.real else "the decoder stack, no LM head")
+            + "); single runs, so on a shared machine flops_ratio is the steadier cost figure.",
         ]
         if self.options.profile is None:
             out.append(
