@@ -258,8 +258,13 @@ def _llava_videos(model: nn.Module, kwargs: dict, tap: _VisionTap) -> _Videos:
     side = cfg.vision_config.image_size // cfg.vision_config.patch_size
     n = math.ceil(side / 2) ** 2
     b = feats.shape[0]
-    f = (feats.shape[1] - 1) // n
-    feats = feats[:, :-1].reshape(b, f, n, feats.shape[-1])
+    pv = kwargs.get("pixel_values_videos")
+    f = pv.shape[1] if isinstance(pv, Tensor) else (feats.shape[1] - 1) // n
+    if feats.shape[1] == f * n + 1:  # 5.x appends the newline; 4.x adds it in forward
+        feats = feats[:, :-1]
+    elif feats.shape[1] != f * n:
+        raise ValueError(f"video features of {feats.shape[1]} tokens for {f} frames of {n}")
+    feats = feats.reshape(b, f, n, feats.shape[-1])
     attention: list[Tensor | None] = [None] * b
     recv = tap.attention()  # [B*F, P] (+1 for a CLS column under "default")
     if recv is not None:
