@@ -52,7 +52,7 @@ HIDDEN, LAYERS, INTER, HEADS, KV_HEADS = 512, 8, 1408, 8, 2
 TEXT_BEFORE, TEXT_AFTER = 32, 32
 
 
-def _decoder(layers: int = LAYERS):
+def _decoder(layers: int = LAYERS, impl: str = "sdpa"):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -64,7 +64,7 @@ def _decoder(layers: int = LAYERS):
         num_attention_heads=HEADS,
         num_key_value_heads=KV_HEADS,
         max_position_embeddings=32768,
-        attn_implementation="sdpa",
+        attn_implementation=impl,
     )
     return Qwen2ForCausalLM(cfg).eval()
 
@@ -235,5 +235,41 @@ def prefill_rows(quick: bool = False) -> list[dict]:
             "goal_met": t_outer["median_s"] <= 0.05 * t_h["baseline"]["median_s"],
         },
     ]
+    rows.append(_counted_row(inner_layer, inner_ratio, retain, tau))
     logger.info("video prefill benchmark: %s", rows)
     return rows
+
+
+def _counted_row(inner_layer: int, inner_ratio: float, retain: float, tau: float) -> dict:
+    """FlopCounterMode next to the analytic formula, on 8 frames (eager attention, so the
+    ``n^2`` term is visible; the full 32-frame map would not fit comfortably)."""
+    from common.flops import count_flops
+    from video.holitom.inner import InnerMerge
+    from video.holitom.outer import outer_merge
+
+    frames = 8
+    model = _decoder(impl="eager")
+    feats, attention = _video(frames, 196, HIDDEN)
+    g = torch.Generator().manual_seed(1)
+    newline = torch.randn(HIDDEN, generator=g)
+    text = torch.randn(TEXT_BEFORE + TEXT_AFTER, HIDDEN, generator=g)
+    res = outer_merge(feats, attention, retain_ratio=retain, tau=tau, newline=newline)
+    full = torch.cat([text[:TEXT_BEFORE], feats.reshape(-1, HIDDEN), newline[None]])
+    full = torch.cat([full, text[TEXT_BEFORE:]])[None]
+    short = torch.cat([text[:TEXT_BEFORE], res.tokens, text[TEXT_BEFORE:]])[None]
+    span = [(TEXT_BEFORE, TEXT_BEFORE + res.tokens.shape[0])]
+    c_full = count_flops(lambda: model(inputs_embeds=full, use_cache=False, logits_to_keep=1))
+    with InnerMerge(layer=inner_layer, ratio=inner_ratio).apply(model, spans=span) as h:
+        c_h = count_flops(lambda: model(inputs_embeds=short, use_cache=False, logits_to_keep=1))
+        n_after = h.last_plan["kept_length"][inner_layer]
+    per_layer = [short.shape[1]] * inner_layer + [n_after] * (LAYERS - inner_layer)
+    return {
+        "name": "video_prefill/holitom_flop_counter",
+        "frames": frames,
+        "counted_full_flops": c_full,
+        "counted_holitom_flops": c_h,
+        "counted_ratio": c_full / c_h,
+        "analytic_ratio_gqa": _flops([full.shape[1]] * LAYERS, True) / _flops(per_layer, True),
+        "note": "FlopCounterMode (eager, multiply-add = 2; includes the LM head on 1 token, "
+        "the recomputed layer K-1 attention row and the fold's similarity; not the outer stage)",
+    }
