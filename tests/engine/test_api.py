@@ -362,3 +362,49 @@ def test_unsupported_transformers_versions_are_refused(monkeypatch):
         monkeypatch.setattr(versions, "transformers_version", lambda: (4, 44, 0))
         with pytest.raises(RuntimeError, match=r"qwen2_vl with transformers >=4\.45\.0"):
             FastV(layer=1).apply(vlm, spans=vlm_spans)
+
+
+@dataclass
+class _HalvingMerge(TokenPlan):
+    """The module docstring's example: HoliTom-style inner merge in a few lines."""
+
+    layer: int = 2
+    keep_ratio: float = 0.5
+
+    @property
+    def layers(self):
+        return (self.layer,)
+
+    def budget(self, stage, span_len):
+        return round(span_len * self.keep_ratio)
+
+    def score(self, ctx):
+        return ctx.span_attention(-1)
+
+    def fold(self, hidden_states, merge, ctx):
+        self.seen = (hidden_states.clone(), ctx.span_pos.clone(), merge)
+        out = merge.merge(hidden_states, mode="halving")
+        self.out = out.clone()
+        return out
+
+
+def test_fold_known_answer_sequential_halving_into_most_similar_kept():
+    """Each dropped span token goes into its most cosine-similar kept span token, and the
+    kept token's state is the official loop ``h[t] = (h[t] + h[i]) / 2`` over ascending i."""
+    model, inputs, spans = build("qwen2", "eager")
+    plan = _HalvingMerge()
+    with plan.apply(model, spans=spans) as h, torch.no_grad():
+        model(**inputs)
+        keep = h.last_plan["keep_idx"][2]
+    hidden, span_pos, merge = plan.seen
+    for b in range(hidden.shape[0]):
+        kept_span = [p for p in keep[b].tolist() if p in set(span_pos[b].tolist())]
+        dropped = [p for p in span_pos[b].tolist() if p not in kept_span]
+        assert len(kept_span) == round(len(span_pos[b]) * 0.5)
+        want = hidden[b].clone()
+        unit = torch.nn.functional.normalize(hidden[b].float(), dim=-1)
+        for i in dropped:  # ascending original index, as the official loop
+            t = kept_span[int((unit[kept_span] @ unit[i]).argmax())]
+            want[t] = (want[t] + hidden[b, i]) / 2
+        slots = keep[b].tolist()
+        torch.testing.assert_close(plan.out[b], want[slots], atol=1e-6, rtol=1e-5)
