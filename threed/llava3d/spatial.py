@@ -359,7 +359,7 @@ def patch_xyz(
     if patch_pixel not in ("corner", "centre"):
         raise ValueError(f"patch_pixel must be 'corner' or 'centre', got {patch_pixel!r}")
     s = size // grid
-    idx = torch.arange(grid) * s + (s // 2 if patch_pixel == "centre" else 0)
+    idx = torch.arange(grid, device=depths.device) * s + (s // 2 if patch_pixel == "centre" else 0)
     z = depths[:, idx][:, :, idx].to(dtype)  # [V, g, g]
     v, u = torch.meshgrid(idx.to(dtype), idx.to(dtype), indexing="ij")
     k = intrinsics.to(dtype)
@@ -460,7 +460,9 @@ def build_spatial_tokens(
     feats = patch_features.reshape(nv * g * g, -1)
     if position_embedding is not None:
         feats = feats + position_embedding(flat_xyz.to(feats.dtype))
-    member = torch.ones(nv * g * g, dtype=torch.bool)
+    dev = xyz.device
+    feats = feats.to(dev)
+    member = torch.ones(nv * g * g, dtype=torch.bool, device=dev)
     if cfg.invalid_depth == "drop":
         member = valid.reshape(-1)
         if not bool(member.any()):
@@ -468,17 +470,19 @@ def build_spatial_tokens(
     inverse, coords = voxelize(key_xyz[member], float(cfg.voxel_size))
     m = coords.shape[0]
     counts = torch.bincount(inverse, minlength=m)
-    pooled = torch.zeros(m, feats.shape[1], dtype=feats.dtype).index_add_(0, inverse, feats[member])
+    pooled = torch.zeros(m, feats.shape[1], dtype=feats.dtype, device=dev)
+    pooled = pooled.index_add_(0, inverse, feats[member])
     pooled = pooled / counts[:, None].to(feats.dtype)
-    pos = torch.zeros(m, 3, dtype=flat_xyz.dtype).index_add_(0, inverse, flat_xyz[member])
+    pos = torch.zeros(m, 3, dtype=flat_xyz.dtype, device=dev)
+    pos = pos.index_add_(0, inverse, flat_xyz[member])
     pos = pos / counts[:, None].to(pos.dtype)
-    token_of = torch.full((nv * g * g,), -1, dtype=torch.long)
+    token_of = torch.full((nv * g * g,), -1, dtype=torch.long, device=dev)
     token_of[member] = inverse
     if m > cfg.max_tokens:
         gen = torch.Generator().manual_seed(cfg.seed)
-        keep = torch.randperm(m, generator=gen)[: cfg.max_tokens]  # randperm order, as upstream
-        remap = torch.full((m,), -1, dtype=torch.long)
-        remap[keep] = torch.arange(cfg.max_tokens)
+        keep = torch.randperm(m, generator=gen)[: cfg.max_tokens].to(dev)  # upstream's order
+        remap = torch.full((m,), -1, dtype=torch.long, device=dev)
+        remap[keep] = torch.arange(cfg.max_tokens, device=dev)
         token_of = torch.where(token_of >= 0, remap[token_of.clamp_min(0)], token_of)
         pooled, pos, counts, coords = pooled[keep], pos[keep], counts[keep], coords[keep]
         logger.debug("spatial tokens: %d voxels capped to %d", m, cfg.max_tokens)
