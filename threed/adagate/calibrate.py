@@ -402,10 +402,11 @@ def choose_schedule(
 
     def params_at(t: float) -> tuple[float, float, float, float]:
         """One knob, monotone in cost: t in [0, 1] lowers the floor from 100 to 0 on the
-        fitted shape; t in (1, 2] then steepens the decay (B up to 1000x) at floor 0."""
+        fitted shape; t in (1, 2] then steepens the decay (B up to 50, log-spaced) at floor 0."""
         if t <= 1.0:
             return _curve(b_fit, num_layers, 100.0 * (1.0 - t) * 0.99999)
-        return _curve(b_fit * 1000.0 ** (t - 1.0), num_layers, 0.0)
+        b0 = min(max(b_fit, 1e-3), 50.0)
+        return _curve(b0 * (50.0 / b0) ** (t - 1.0), num_layers, 0.0)
 
     def keeps_for(layer_set: tuple[int, ...], t: float) -> list[float]:
         f = _eval_curve(params_at(t), x) / 100.0
