@@ -408,3 +408,45 @@ def test_fold_known_answer_sequential_halving_into_most_similar_kept():
             want[t] = (want[t] + hidden[b, i]) / 2
         slots = keep[b].tolist()
         torch.testing.assert_close(plan.out[b], want[slots], atol=1e-6, rtol=1e-5)
+
+
+def test_padding_slot_masks_for_every_mask_layout():
+    """Padding slots are hidden as keys (but see themselves) in None / bool / float / 2D masks."""
+    from common.engine.slicing import mask_padding_slots_decode, mask_padding_slots_prefill
+
+    valid = torch.tensor([[True, True, True, True], [True, False, True, True]])
+    neg = torch.finfo(torch.float32).min
+    built = mask_padding_slots_prefill(None, valid, dtype=torch.float32)
+    assert built.shape == (2, 1, 4, 4)
+    allowed = built[:, 0] == 0
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    assert torch.equal(allowed[0], causal)
+    want1 = causal.clone()
+    want1[2:, 1] = False  # slot 1 hidden from later queries, still sees itself
+    assert torch.equal(allowed[1], want1)
+    bool_mask = causal[None, None].expand(2, 1, 4, 4)
+    assert torch.equal(
+        mask_padding_slots_prefill(bool_mask, valid, dtype=torch.float32)[:, 0], allowed
+    )
+    float_mask = torch.where(bool_mask, 0.0, neg)
+    out = mask_padding_slots_prefill(float_mask, valid, dtype=torch.float32)
+    assert torch.equal(out[:, 0] == 0, allowed)
+    # FlashAttention: a 2D key mask with zeros at the padding slots
+    flash = mask_padding_slots_prefill(None, valid, dtype=torch.float32, flash=True)
+    assert flash.tolist() == [[1, 1, 1, 1], [1, 0, 1, 1]]
+    two_d = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])  # sample 0 left padded
+    assert mask_padding_slots_prefill(two_d, valid, dtype=torch.float32).tolist() == [
+        [0, 1, 1, 1],
+        [1, 0, 1, 1],
+    ]
+    # decoding: 4 kept prefill keys + 2 decoded, 1 new query
+    dec = mask_padding_slots_decode(None, valid, 1, 6, dtype=torch.float32)
+    assert dec.shape == (2, 1, 1, 6)
+    assert (dec[:, 0, 0] == 0).tolist() == [[True] * 6, [True, False, True, True, True, True]]
+    two_q = mask_padding_slots_decode(None, valid, 2, 6, dtype=torch.float32)
+    assert (two_q[1, 0] == 0).tolist() == [
+        [True, False, True, True, True, False],  # the first new token does not see the second
+        [True, False, True, True, True, True],
+    ]
+    dec2d = mask_padding_slots_decode(torch.ones(2, 6, dtype=torch.long), valid, 1, 6, dtype=None)
+    assert dec2d.tolist() == [[1] * 6, [1, 0, 1, 1, 1, 1]]
