@@ -198,7 +198,10 @@ class PlanContext:
         return h.gather(1, self.span_pos[:, :, None].expand(-1, -1, h.shape[-1]))
 
     def previous_scores(self, fill: float = math.nan) -> Tensor:
-        """``[B, S]`` the previous stage's scores at the alive span tokens (``fill`` if none)."""
+        """``[B, S]`` the last scored stage's scores at the alive span tokens (``fill`` if none).
+
+        A keep-all stage under the default selection is not scored and leaves no record.
+        """
         out = torch.full(
             self.span_pos.shape, fill, dtype=torch.float32, device=self.span_pos.device
         )

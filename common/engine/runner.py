@@ -492,6 +492,11 @@ class EngineHandle(MethodHandle):
         order = torch.sort((~alive_span).to(torch.uint8), dim=1, stable=True).indices
         span_pos = order[:, :s]
         span_valid = torch.arange(s, device=dev)[None] < counts[:, None]
+        if type(self.plan).select is TokenPlan.select:
+            budgets = [self.plan.budget(stage, int(c)) for c in counts.tolist()]
+            if all(k >= int(c) for k, c in zip(budgets, counts.tolist())):
+                self._prev_input = None
+                return hidden  # keep-all stage under the default top-k: nothing to score
         cur_kwargs = self._prefill_kwargs(kwargs, module, hidden) if state.stages else kwargs
         pos_ids = cur_kwargs.get("position_ids")
         pe = cur_kwargs.get("position_embeddings")
