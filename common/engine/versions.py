@@ -21,6 +21,9 @@ transformers   cache argument      rotary                     mask to the layer 
                                    to ``[B, L, hd]``
 =============  ==================  =========================  ==================  ===============
 
+Checked on 4.37.2, 4.45.2, 4.49.0, 4.57.6 and 5.24; the release of the
+``past_key_value`` -> ``past_key_values`` rename inside 4.5x was not pinned
+down, which does not matter: :func:`layer_cache` looks up all three names.
 Everywhere: ``hidden_states`` is positional, masks and the decode position are
 derived from layer 0's cache length (so layer 0 is never pruned), and a
 ``DynamicCache`` holds one length per layer.
