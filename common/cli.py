@@ -1,5 +1,30 @@
 """What the command lines share: quiet, readable logging and a thread count that
-holds up on a busy machine."""
+holds up on a busy machine.
+
+Threads. torch's default is one intra-op thread per core, and its OpenMP
+threads spin while they wait for each other. When other processes compete
+for the cores, a spinning thread burns the time slice its partner needs and
+a run collapses. Measured on the 2-core development machine, already busy
+with 8-10 runnable processes of other users, on a cut-down ``make eval``
+(one generated scene, vggt at 4 frames + grounding with one expression,
+``--ratios 1.0``; time for the 6 rows, excluding start-up and plots):
+
+=============================  =====================  =======================
+setting                        background load only   + 2 ``while True: pass``
+=============================  =====================  =======================
+2 threads, OpenMP default      5 of 6 rows in 154 s   0 rows in 240 s
+2 threads, OMP_WAIT_POLICY=    12 s                   60 s
+PASSIVE
+1 thread                       15 s                   59 s
+=============================  =====================  =======================
+
+So the scripts default to one thread (:data:`DEFAULT_THREADS`; ``--threads``
+to change it) and ``scripts/eval_scannet.py`` sets ``OMP_WAIT_POLICY=PASSIVE``
+before torch loads (unless the user set it), so ``--threads N`` does not spin
+either. An idle machine was not available to measure what one thread costs
+there; on an idle many-core machine ``--threads 0`` (one per core) is the
+faster choice.
+"""
 
 from __future__ import annotations
 

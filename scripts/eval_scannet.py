@@ -14,12 +14,17 @@ plots to OUT/plots/, pictures of what was kept to OUT/visuals/.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from common.cli import configure_threads, setup_logging
-from common.runs import RunConfig, RunError, check_device, check_out_dir, run
-from threed.evaluation import TRACKS, DataPaths, resolve_scenes, scene_loader
+# OpenMP reads this once, when torch loads it: idle threads sleep instead of spinning
+# (see common/cli.py for the measurements); a value the user set wins
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from common.cli import DEFAULT_THREADS, configure_threads, setup_logging  # noqa: E402
+from common.runs import RunConfig, RunError, check_device, check_out_dir, run  # noqa: E402
+from threed.evaluation import TRACKS, DataPaths, resolve_scenes, scene_loader  # noqa: E402
 
 
 def parse_ratios(text: str) -> list[float]:
@@ -72,8 +77,8 @@ def build_parser(tracks: dict) -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=None,
-        help="intra-op CPU threads (default: 1, which holds up on a busy machine; "
-        "0 = one per core)",
+        help=f"intra-op CPU threads (default: {DEFAULT_THREADS}, which holds up on a busy "
+        "machine; 0 = torch's choice, one per core)",
     )
     run_group.add_argument("--out", type=Path, default=Path("results/eval_scannet"))
     run_group.add_argument(

@@ -153,6 +153,12 @@ class ResultsStore:
         self.path = self.out_dir / name
         self.unit_field = unit_field
         repair_tail(self.path)
+        # (unit, track) pairs with a failure record in this file: drop_failures only
+        # rewrites the file for these, so a long run does not re-read it per unit
+        self._failed = {self._pair(r) for r in self.rows() if not is_ok(r)}
+
+    def _pair(self, row: dict) -> tuple[str, str]:
+        return (str(row[self.unit_field]), str(row["track"]))
 
     def rows(self) -> list[dict]:
         return read_rows(self.path)
@@ -167,6 +173,8 @@ class ResultsStore:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if not is_ok(row):
+            self._failed.add(self._pair(row))
 
     def extend(self, rows: Iterable[dict]) -> None:
         for row in rows:
@@ -176,14 +184,14 @@ class ResultsStore:
         """Remove the failure records of ``(unit_id, track)`` before a new attempt
         (so reruns replace a unit's failure record instead of piling them up);
         returns how many were removed. The file is rewritten atomically."""
+        pair = (str(unit_id), str(track))
+        if pair not in self._failed:
+            return 0
         rows = self.rows()
-        kept = [
-            r
-            for r in rows
-            if is_ok(r) or (str(r[self.unit_field]), str(r["track"])) != (unit_id, track)
-        ]
+        kept = [r for r in rows if is_ok(r) or self._pair(r) != pair]
         if len(kept) != len(rows):
             _write_atomic(self.path, kept)
+        self._failed.discard(pair)
         return len(rows) - len(kept)
 
     @staticmethod

@@ -36,7 +36,7 @@ def test_default_sweep_and_settings():
     assert [s.label for s in settings] == ["full", "fastvggt@0.9", "fastvggt@0.3"]
     assert [s.method for s in settings] == ["full", "fastvggt", "fastvggt"]
     assert settings[1].params == {"ratio": 0.9} and settings[1].series == "fastvggt"
-    assert track.accuracy_valid is False and track.num_frames == 8
+    assert track.accuracy_valid is False and track.num_frames == 32
     with pytest.raises(SystemExit):
         _track("--merge-ratio", "1.5")
     with pytest.raises(ValueError, match="frames"):
