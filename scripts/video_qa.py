@@ -37,6 +37,7 @@ from video.qa import (
     check_model,
     default_settings,
     read_manifest,
+    rows_left,
     split_method_args,
 )
 
@@ -112,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             attn_implementation=args.attn_implementation,
             random_weights=tiny or args.random_weights,
         )
-        # bad methods, parameters, or settings the model cannot take fail before any work
-        VideoQATrack(options, TrackContext(device=device, seed=args.seed)).check_settings()
+        track = VideoQATrack(options, TrackContext(device=device, seed=args.seed))
+        labels = [s.label for s in track.settings()]  # bad methods / parameters fail here
         if args.manifest is None:
             from video.synthetic import ensure_synthetic_video_qa
 
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             manifest, video_root=video_root, answers=args.answers, limit=args.limit
         )
         ids = [s.id for s in samples]
+        if rows_left(args.out, ids, labels):  # a finished run reruns without loading the model
+            track.check_settings()  # settings the model cannot take fail before any work
         data = VideoQAData({s.id: s for s in samples}, ids[rank::world])
         summary = run(
             RunConfig(

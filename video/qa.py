@@ -59,6 +59,7 @@ __all__ = [
     "load_model",
     "parse_option",
     "read_manifest",
+    "rows_left",
 ]
 
 logger = logging.getLogger(__name__)
@@ -799,6 +800,18 @@ def expand_settings(specs: Sequence[tuple[str, dict[str, str]]]) -> list[Setting
             seen.add(label)
             out.append(Setting(label, name, p, series=series))
     return out
+
+
+def rows_left(out: str | os.PathLike, sample_ids: Sequence[str], labels: Sequence[str]) -> int:
+    """How many (sample, setting) rows of the ``video_qa`` track ``out`` does not hold yet
+    (merged rows and every shard file count)."""
+    from common.runs.results import read_done
+
+    out = Path(out)
+    files = [out / "rows.jsonl", *sorted(out.glob("rows.rank*.jsonl"))]
+    done = set().union(*(read_done(f, "sample_id") for f in files if f.exists()))
+    track = VideoQATrack.name
+    return sum((str(sid), track, label) not in done for sid in sample_ids for label in labels)
 
 
 def split_method_args(argv: Sequence[str], parser) -> tuple[list[str], list]:

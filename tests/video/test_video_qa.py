@@ -293,3 +293,16 @@ def test_holitom_batch_counts_equal_each_alone():
         assert _engine_plan(handle) is None  # nothing recorded before a prefill
     finally:
         handle.remove()
+
+
+def test_rows_left_counts_merged_and_shard_rows(tmp_path):
+    from video.qa import rows_left
+
+    def row(sid, setting, status="ok"):
+        track = "video_qa"
+        return json.dumps({"sample_id": sid, "track": track, "setting": setting, "status": status})
+
+    assert rows_left(tmp_path, ["a", "b"], ["full", "x"]) == 4  # nothing yet
+    (tmp_path / "rows.jsonl").write_text(row("a", "full") + "\n" + row("a", "*", "failed") + "\n")
+    (tmp_path / "rows.rank1.jsonl").write_text(row("b", "x") + "\n")
+    assert rows_left(tmp_path, ["a", "b"], ["full", "x"]) == 2  # (a, x) and (b, full)
