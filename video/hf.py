@@ -114,7 +114,7 @@ class ShortInputs:
         rope_deltas: ``[B, 1]`` (Qwen2-VL) or ``None``.
         spans: per sample ``[(start, end)]`` of the video tokens in ``L'``.
         sizes: ``[B, L']`` float, input tokens each position stands for
-            (text 1, padding 0).
+            (text and newline 1, padding 0).
         source: ``[B, L']`` long, index in the original sequence of each
             position's token (a merged token: its representative), -1 on padding.
         reduced: the reducer's output per sample.
@@ -452,8 +452,8 @@ class VideoReduceHandle(MethodHandle):
                 [ids_i[before], torch.full((m,), video_id, device=ids_i.device), ids_i[after]]
             )
             sz = torch.ones(len(src), dtype=torch.float32, device=ids_i.device)
-            if size is not None:
-                sz[len(before) : len(before) + m] = size.to(sz)
+            if size is not None:  # a newline (size 0 in the reducer's count) weighs as a token
+                sz[len(before) : len(before) + m] = size.to(sz).clamp(min=1)
             rows.append((ids, emb, src, sz, (len(before), len(before) + m)))
         left = bool((~valid[:, 0]).any()) or not bool((~valid[:, -1]).any())
         new_len = max(len(r[0]) for r in rows)
@@ -504,6 +504,7 @@ class VideoReduceHandle(MethodHandle):
             "full_length": full_len.tolist(),
             "short_length": short.attention_mask.sum(1).tolist(),
             "spans": short.spans,
+            "sizes": short.sizes,
             "reduced": short.reduced,
         }
 

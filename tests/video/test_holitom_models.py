@@ -412,3 +412,43 @@ def test_static_background_collapses_and_the_moving_square_is_kept():
     assert int(res.is_newline.sum()) == 1 and bool(res.is_newline[-1])
     # 96 video tokens + newline -> 12 static + 6 x 4 dynamic + newline
     assert handle.last["short_length"][0] == handle.last["full_length"][0] - 97 + 37
+
+
+def test_mean_fold_weighs_tokens_by_the_outer_stage_sizes():
+    """inner_fold='mean' on LLaVA-OV: the kept tokens entering layer K are the size-weighted
+    means, with the sizes the outer stage handed over (static tokens stand for 6 frames)."""
+    model, inputs = BUILDERS["llava_ov"]("sdpa")
+    one = sample(inputs, 0, "llava_ov")
+    method = HoliTom(
+        retain_ratio=0.5,
+        tau=0.995,
+        inner_layer=2,
+        inner_ratio=0.5,
+        inner_fold="mean",
+        inner_attention="causal",
+    )
+    got: dict = {}
+    layers = model.model.language_model.layers
+    with method.apply(model) as handle:
+        h1 = layers[1].register_forward_hook(lambda m, a, o: got.update(k1=o))
+        h2 = layers[2].register_forward_pre_hook(
+            lambda m, a, k: got.update(k_in=a[0] if a else k["hidden_states"]), with_kwargs=True
+        )
+        with torch.no_grad():
+            model(**one)
+        h1.remove()
+        h2.remove()
+        keep_idx = handle.inner.last_plan["keep_idx"][2][0]
+    sizes = handle.last["sizes"]
+    assert sorted(set(sizes[0].tolist())) == [1.0, 6.0]  # static tokens weigh 6
+    k1 = got["k1"][0] if isinstance(got["k1"], tuple) else got["k1"]
+    ((start, end),) = handle.last["spans"][0]
+    kept = [i for i in keep_idx.tolist() if start <= i < end]
+    drop = [i for i in range(start, end) if i not in kept]
+    expected = fold_into_most_similar(
+        k1, torch.tensor([kept]), torch.tensor([drop]), mode="mean", sizes=sizes
+    )
+    torch.testing.assert_close(got["k_in"], expected[:, keep_idx], atol=1e-5, rtol=0)
+    # and it is not the unweighted mean
+    plain = fold_into_most_similar(k1, torch.tensor([kept]), torch.tensor([drop]), mode="mean")
+    assert not torch.allclose(plain[:, keep_idx], got["k_in"], atol=1e-4)
