@@ -221,6 +221,13 @@ class InnerMergeHandle:
         spans: Any = None,
         span_token_id: int | Iterable[int] | None = None,
     ) -> None:
+        impl = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
+        if method.layer_attention == "bidirectional" and impl.startswith("flash"):
+            # FlashAttention takes no dense mask to lift causality with (not testable on CPU)
+            raise ValueError(
+                "layer_attention='bidirectional' needs SDPA or eager attention; with "
+                f"{impl} use layer_attention='causal' (HoliTom: inner_attention='causal')"
+            )
         self.model = model
         self.method = method
         # a private copy carries the per-call sizes (the user's object stays stateless)
