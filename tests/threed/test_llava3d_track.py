@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 
 import pytest
@@ -103,6 +104,7 @@ def test_rows_flops_agreement_and_visual(synthetic, scene, tmp_path):
     assert [a["dataset"] for a in full["answers"]] == ["scanqa", "sqa3d"]
     assert full["agreement"] == 1.0 and full["kept_ratio"] == 1.0 and full["flops_ratio"] == 1.0
     assert full["accuracy_valid"] is False and full["em1"] is not None
+    assert full["em1_scanqa"] is not None and full["em1_sqa3d"] is not None
     # known answer: the full prefill of question q runs L_q tokens through all 8 layers
     x, span = track._sample(track._questions(scene.scene_id)[0].text, track._scene_tokens(scene)[1])
     assert span[1] - span[0] == n and 30 <= span[0] <= 40  # LLaVA-3D's ~35-token prefix
@@ -302,3 +304,18 @@ def test_llava3d_checkpoint_path_on_a_stand_in(monkeypatch, synthetic, scene, tm
         assert r["model"] == "LLaVA-3D" and r["accuracy_valid"] is True
         assert [a["dataset"] for a in r["answers"]] == ["scanqa", "sqa3d"]
         assert r["prefill_time_s"] > 0
+
+
+def test_accuracy_per_data_set():
+    from threed.llava3d.track import _accuracy, _Question
+
+    qs = [
+        _Question("scanqa", "1", "what color is the chair?", ["brown", "dark brown"]),
+        _Question("scanqa", "2", "how many chairs?", ["2"]),
+        _Question("sqa3d", "3", "what is in front of me?", ["table"]),
+    ]
+    out = _accuracy(["Brown.", "three", "the table"], qs)
+    assert out["em1"] == pytest.approx(2 / 3)
+    assert out["em1_scanqa"] == 0.5 and out["em1_sqa3d"] == 1.0
+    if importlib.util.find_spec("pycocoevalcap") is None:
+        assert out["cider"] is None

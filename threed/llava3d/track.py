@@ -351,6 +351,19 @@ class _Question:
     answers: list[str]
 
 
+def _accuracy(texts: list[str], questions: list[_Question]) -> dict:
+    """EM@1 overall and per data set; caption metrics on ScanQA only (as LLaVA-3D reports)."""
+    out = {"em1": score_answers(texts, [q.answers for q in questions])["em1"]}
+    for name in ("scanqa", "sqa3d"):
+        pick = [i for i, q in enumerate(questions) if q.dataset == name]
+        scores = score_answers([texts[i] for i in pick], [questions[i].answers for i in pick])
+        out[f"em1_{name}"] = scores["em1"]
+        out[f"em1_refined_{name}"] = scores["em1_refined"]
+        if name == "scanqa":
+            out.update({k: scores[k] for k in ("cider", "bleu4", "meteor", "rouge_l")})
+    return out
+
+
 # ---------------------------------------------------------------------------- the track
 
 
@@ -369,7 +382,8 @@ class Llava3DTrack(Track):
         "prefill_time_s",
         "agreement",
         "first_token_agreement",
-        "em1",
+        "em1_scanqa",
+        "em1_sqa3d",
         "cider",
         "bleu4",
         "meteor",
@@ -383,13 +397,17 @@ class Llava3DTrack(Track):
         "prefill_time_s": "prefill time per question (s)",
         "agreement": "answers equal to the ungated run (fraction)",
         "first_token_agreement": "first answer token equal to the ungated run (fraction)",
-        "em1": "EM@1 (fraction)",
+        "em1": "EM@1, ScanQA and SQA3D together (fraction)",
+        "em1_scanqa": "ScanQA EM@1 (fraction)",
+        "em1_sqa3d": "SQA3D EM@1 (fraction)",
         "cider": "CIDEr",
         "bleu4": "BLEU-4",
         "meteor": "METEOR",
         "rouge_l": "ROUGE-L",
     }
     empty_reasons = {
+        "em1_scanqa": "no ScanQA question for these scenes",
+        "em1_sqa3d": "no SQA3D question for these scenes (--sqa3d-questions)",
         "cider": "pycocoevalcap is not installed",
         "bleu4": "pycocoevalcap is not installed",
         "meteor": "pycocoevalcap is not installed (METEOR also needs Java)",
@@ -637,7 +655,7 @@ class Llava3DTrack(Track):
     def _row(self, setting, method, tokens, questions, full, results, n_sp) -> dict:
         flops = [self._flops(r["per_layer"]) for r in results]
         texts = [self._decode(r["ids"]) for r in results]
-        acc = score_answers(texts, [q.answers for q in questions])
+        acc = _accuracy(texts, questions)
         row = {
             "setting": setting.label,
             "model": "LLaVA-3D" if self.real else "tiny-random-llava3d",
