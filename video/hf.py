@@ -369,7 +369,13 @@ class VideoReduceHandle(MethodHandle):
             model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
             model.register_forward_hook(self._post_hook),
         ]
-        self.inner = inner(model) if inner is not None else None
+        self.inner = None
+        if inner is not None:
+            try:
+                self.inner = inner(model)
+            except Exception:
+                self.remove()  # nothing half-applied stays on the model
+                raise
 
     def _undo(self) -> None:
         if self.inner is not None:

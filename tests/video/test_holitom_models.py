@@ -380,9 +380,11 @@ def test_bad_fields_raise():
             HoliTom(**{field: value})
     with pytest.raises(ValueError, match="fold_mode"):
         InnerMerge(fold_mode="sum")
-    with pytest.raises(ValueError, match="inner_layer|layer"):
-        model, _ = BUILDERS["llava_ov"]("sdpa")
+    model, _ = BUILDERS["llava_ov"]("sdpa")
+    before = _hook_counts(model)
+    with pytest.raises(ValueError, match="layer"):
         HoliTom(inner_layer=18).apply(model)  # a 4-layer decoder
+    assert _hook_counts(model) == before  # nothing half-applied
 
 
 # ----------------------------------------------------------------------------- known answer
