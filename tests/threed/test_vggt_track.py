@@ -84,6 +84,9 @@ def test_timings_come_from_a_warm_forward(monkeypatch):
         return {"call": len(calls) - 1}, 10.0 * len(calls), 100.0 * len(calls)
 
     monkeypatch.setattr(track, "_timed_forward", fake_timed)
+    # on a CPU, two more aggregator-only runs; the fastest run is reported
+    more = iter([25.0, 15.0])
+    monkeypatch.setattr(track, "_aggregator_seconds", lambda images: next(more))
     out, agg_s, total_s, _ = track._measured_forward(None)
     assert calls == [0, 1] and out == {"call": 0}
-    assert (agg_s, total_s) == (20.0, 200.0)
+    assert (agg_s, total_s) == (15.0, 200.0)
