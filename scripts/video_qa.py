@@ -6,6 +6,10 @@
         --model /models/llava-onevision-qwen2-7b-ov-hf --frames 32 --device cuda \
         --method holitom --retain-ratio 0.1,0.25 --method fastv --keep-ratio 0.25
     torchrun --nproc-per-node 4 scripts/video_qa.py ...   # samples sharded, rank 0 merges
+    accelerate launch --multi_gpu --num_processes 4 scripts/video_qa.py ...   # the same
+
+(accelerate 1.15 was checked with 2 CPU processes this way; ``accelerate launch
+--cpu`` starts a single process.)
 
 Each ``--method NAME`` is followed by that method's parameters as flags
 (``--retain-ratio 0.1,0.25``: comma lists sweep). Rows go to OUT/rows.jsonl
