@@ -176,10 +176,20 @@ def _read_rows(path: Path) -> list[dict]:
         if suffix in (".csv", ".tsv"):
             with open(path, newline="") as f:
                 return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-        if suffix == ".parquet":
-            import pandas as pd  # Video-MME ships parquet
-
-            return pd.read_parquet(path).to_dict("records")
+        if suffix == ".parquet":  # Video-MME's annotations on the Hub are parquet
+            try:
+                import pandas as pd
+            except ImportError:
+                raise ManifestError(
+                    f"manifest {path}: reading parquet needs pandas and pyarrow "
+                    "(pip install pandas pyarrow), or convert it to JSON / CSV"
+                ) from None
+            records = pd.read_parquet(path).to_dict("records")
+            # numpy arrays (options lists) and scalars as plain Python values
+            return [
+                {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()}
+                for r in records
+            ]
     except FileNotFoundError:
         raise ManifestError(f"manifest {path} not found") from None
     except (OSError, ValueError) as e:

@@ -144,6 +144,12 @@ def test_unreadable_manifests(tmp_path):
     (tmp_path / "m.txt").write_text("")
     with pytest.raises(ManifestError, match="expected .jsonl"):
         read_manifest(tmp_path / "m.txt")
+    try:
+        import pandas  # noqa: F401
+    except ImportError:  # without pandas a parquet manifest is a one-line error, not a crash
+        (tmp_path / "m.parquet").write_bytes(b"PAR1")
+        with pytest.raises(ManifestError, match="needs pandas"):
+            read_manifest(tmp_path / "m.parquet")
 
 
 # ----------------------------------------------------------------------------- settings
