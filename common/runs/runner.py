@@ -245,7 +245,8 @@ def run(
 
     Raises:
         RunError: before any work, for a bad ``--out``, device or track list,
-            or no units.
+            no units, or a track that cannot be built from its options (a
+            missing or unreadable file: ``OSError`` / ``ValueError``).
 
     Example::
 
@@ -312,7 +313,10 @@ def run(
     tracks: list[Track] = []
     for name in config.tracks:
         cls = classes[name]
-        tracks.append(cls(options.get(name, cls.Options()), context))
+        try:
+            tracks.append(cls(options.get(name, cls.Options()), context))
+        except (OSError, ValueError) as e:  # a missing or unreadable file its options name
+            raise RunError(f"track {name}: {e}") from e
     settings = {t.name: t.settings() for t in tracks}
 
     mine = units[rank::world]

@@ -224,6 +224,28 @@ def test_unknown_track_bad_out_and_device_are_clear_errors(tmp_path):
     assert LOG == []  # nothing ran
 
 
+class WeightsTrack(CountingTrack):
+    """Reads a weights file when built, as the grounding track does."""
+
+    name = "weights"
+
+    def __init__(self, options, context):
+        super().__init__(options, context)
+        raise FileNotFoundError("checkpoint not found: model.pt")
+
+
+def test_a_track_that_cannot_be_built_is_a_one_line_error(tmp_path):
+    with pytest.raises(RunError, match="^track weights: checkpoint not found: model.pt$") as e:
+        run(
+            RunConfig(out=tmp_path / "o", tracks=["counting", "weights"], visualize=False),
+            units=["scene_a"],
+            load_unit=load_unit,
+            registry={"counting": CountingTrack, "weights": WeightsTrack},
+        )
+    assert e.value.exit_code == 2
+    assert LOG == []  # before any unit
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_read_only_out_is_refused_before_work(tmp_path):
     ro = tmp_path / "ro"
