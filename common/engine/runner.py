@@ -186,13 +186,14 @@ class EngineHandle(MethodHandle):
     Attributes:
         plan: the :class:`TokenPlan` (also ``method``).
         num_layers: decoder depth.
-        last_plan: after a pruned prefill, a dict with ``prefill_length``,
-            ``kept_length`` (per stage layer that pruned: the padded length),
-            ``keep_idx`` (per such layer: ``[B, n]`` original indices of the
-            slots alive after it), ``valid`` (``[B, n]`` bool, False at padding
-            slots), ``kept_counts`` (``[B]`` real tokens per sample) and
-            ``span_kept`` (``[B]`` span tokens per sample that survived it);
-            ``None`` when the latest prefill pruned nothing.
+        last_plan: after a pruned prefill, a dict with ``prefill_length`` (int)
+            and, each a dict keyed by the stage layer that pruned:
+            ``kept_length`` (the padded length after it), ``keep_idx``
+            (``[B, n]`` original indices of the slots alive after it),
+            ``valid`` (``[B, n]`` bool, False at padding slots),
+            ``kept_counts`` (``[B]`` real tokens per sample) and ``span_kept``
+            (``[B]`` span tokens per sample that survived it); ``None`` when
+            the latest prefill pruned nothing.
         num_pruned_prefills: how many prefills were pruned so far.
     """
 
