@@ -143,9 +143,14 @@ class VisionAttentionRecorder:
 
     def _heads(self) -> tuple[int, int]:
         a = self._attn
-        num_heads = getattr(a, "num_heads", None) or a.config.num_attention_heads
+        num_heads = int(getattr(a, "num_heads", None) or a.config.num_attention_heads)
         head_dim = getattr(a, "head_dim", None)
-        return int(num_heads), int(head_dim)
+        if head_dim is None:
+            # transformers 4.4x's SDPA / FlashAttention vision classes keep no head_dim:
+            # derive it from the query projection's width
+            width = a.q_proj.out_features if self.kind == "qk" else a.qkv.out_features // 3
+            head_dim = width // num_heads
+        return num_heads, int(head_dim)
 
     def _scale(self, head_dim: int) -> float:
         for name in ("scale", "scaling"):
