@@ -173,7 +173,7 @@ _PROVIDERS = (
     "threed.vggt.merging",
     "threed.tsp3d.methods",
     "threed.adagate",
-    "video.holitom",
+    "video.holitom.method",
     "video.baselines",
 )
 _loaded = False
