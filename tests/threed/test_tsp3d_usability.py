@@ -137,6 +137,13 @@ def test_scene_keep_centres_official_includes_structure_and_caps_at_132():
     s_old = sample_from_scene(scene, Rec(), max_points=100, scene_objects="no_structure")
     assert s_old.scene_centers.shape == (2, 3)
 
+    # the grounding track's oracle keeps the same 64 cm cubes that training supervises
+    from threed.tsp3d.track import _object_centres
+
+    oracle_centres = _object_centres(scene)
+    assert oracle_centres.dtype == torch.float32
+    np.testing.assert_array_equal(oracle_centres.numpy(), s.scene_centers.numpy())
+
 
 # ------------------------------------------------- issue 12: one checkpoint loader, item 17
 def test_checkpoint_has_no_text_encoder_weights_and_loads_back(tmp_path, monkeypatch):

@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import logging
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,14 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.benchmark import peak_memory_mb
+from common.benchmark import clock, peak_memory_mb
 from common.runs import FULL, Progress, Setting, Track, TrackContext, option
 
 from .losses import axis_aligned_iou
 from .model import TSP3DConfig, TSP3DGrounder, make_scene_batch
 from .oracle import oracle_scores
 from .text import TextEncoder
-from .train import load_grounder, subsample_points
+from .train import load_grounder, scene_keep_centres, subsample_points
 
 __all__ = ["GroundingOptions", "GroundingTrack", "grounding_accuracy", "parse_thresholds"]
 
@@ -86,9 +85,10 @@ def parse_thresholds(text: str | None) -> tuple[float, float]:
 
 
 def _object_centres(scene) -> torch.Tensor:
-    """``[M, 3]`` centres of the scene's objects (walls / floor / ceiling excluded)."""
-    boxes = [np.asarray(i.box[:3], dtype=np.float32) for i in scene.objects()]
-    return torch.as_tensor(np.stack(boxes)) if boxes else torch.zeros(0, 3)
+    """``[M, 3]`` oracle 64 cm keep centres: the same objects training supervises
+    (:func:`threed.tsp3d.train.scene_keep_centres`, official rule: walls / floor /
+    ceiling included, first 132 distinct instances)."""
+    return torch.as_tensor(scene_keep_centres(scene), dtype=torch.float32).reshape(-1, 3)
 
 
 def _thresholds_flag(text: str) -> tuple[float, float]:
@@ -306,12 +306,10 @@ class GroundingTrack(Track):
         oracle setting."""
         g = torch.Generator().manual_seed(self.seed)
         ctx = oracle_scores(self.model, *oracle) if oracle else contextlib.nullcontext()
-        t0 = time.perf_counter()
+        t0 = clock(self.device)
         with ctx:
             out = self.model(batch, [text], generator=g, **self._kwargs(setting))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return out, time.perf_counter() - t0
+        return out, clock(self.device) - t0
 
     # ------------------------------------------------------------------ rows
     def run_unit(
