@@ -13,14 +13,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-import torch
+# OpenMP reads this once, when torch loads it: idle threads sleep instead of spinning
+# (see common/cli.py for the measurements); a value the user set wins
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common.cli import setup_logging
-from threed.tsp3d import TextEncoder, TSP3DConfig, TSP3DGrounder
-from threed.tsp3d.train import TrainConfig, load_grounder, samples_from_scanrefer, train
+import torch  # noqa: E402
+
+from common.cli import DEFAULT_THREADS, configure_threads, setup_logging  # noqa: E402
+from threed.tsp3d import TextEncoder, TSP3DConfig, TSP3DGrounder  # noqa: E402
+from threed.tsp3d.train import (  # noqa: E402
+    TrainConfig,
+    load_grounder,
+    samples_from_scanrefer,
+    train,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help=f"intra-op CPU threads (default: {DEFAULT_THREADS}, which holds up on a busy "
+        "machine; 0 = torch's choice, one per core)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/tsp3d"))
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -71,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    try:
+        configure_threads(args.threads)
+    except ValueError as e:
+        print(f"error: --threads: {e}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     if args.scannet_root is None:
         from threed.scannet import ensure_synthetic
@@ -101,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = samples_from_scanrefer(
             refer, root, scenes, args.points, args.seed, scene_objects=args.scene_objects
         )
-    except ValueError as e:
+    except (OSError, ValueError) as e:  # a bad value, a missing --scanrefer file, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{len(samples)} referring expressions from {len({s.scene_id for s in samples})} scenes")

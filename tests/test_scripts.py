@@ -83,6 +83,31 @@ def test_eval_scannet_refuses_bad_out_device_and_empty_data(tmp_path, capsys):
     assert "all 2 scenes failed" in capsys.readouterr().err
 
 
+def test_eval_scannet_missing_model_files_are_one_line(tmp_path, capsys):
+    """A missing --text-encoder folder or --grounding-weights file is found when the
+    track is built, before any scene loads: one line naming the track, exit 2."""
+    eval_scannet = _load("eval_scannet")
+    scans = tmp_path / "scans"
+    (scans / "scene0000_00").mkdir(parents=True)
+    base = ["--scannet-root", str(scans), "--tracks", "grounding", "--out", str(tmp_path / "o")]
+    assert eval_scannet.main([*base, "--text-encoder", str(tmp_path / "no_encoder")]) == 2
+    assert "track grounding: text encoder folder not found" in _one_line_error(capsys)
+    assert eval_scannet.main([*base, "--grounding-weights", str(tmp_path / "no.pt")]) == 2
+    assert "track grounding: TSP3D checkpoint not found" in _one_line_error(capsys)
+    assert not (tmp_path / "o" / "rows.jsonl").exists()
+
+
+def test_train_grounding_bad_inputs_are_one_line(tmp_path, capsys):
+    train_grounding = _load("train_grounding")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    base = ["--scannet-root", str(scans), "--out", str(tmp_path / "run")]
+    assert train_grounding.main([*base, "--scanrefer", str(tmp_path / "no.json")]) == 2
+    assert "no.json" in _one_line_error(capsys)
+    assert train_grounding.main([*base, "--threads", "-1"]) == 2
+    assert "--threads" in _one_line_error(capsys)
+
+
 def test_bench_driver_quick(tmp_path, monkeypatch):
     bench = _load("bench")
     out = tmp_path / "results.json"
