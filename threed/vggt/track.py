@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.benchmark import peak_memory_mb
+from common.benchmark import clock, peak_memory_mb
 from common.runs import FULL, Progress, Setting, Track, TrackContext, option
 
 from .geometry import closed_form_inverse_se3, pose_encoding_to_extri_intri
@@ -237,27 +236,19 @@ class VGGTTrack(Track):
         agg = self.model.aggregator
         marks: dict[str, float] = {}
 
-        def sync():
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-
         def pre(*_):
-            sync()
-            marks["start"] = time.perf_counter()
+            marks["start"] = clock(self.device)
 
         def post(*_):
-            sync()
-            marks["end"] = time.perf_counter()
+            marks["end"] = clock(self.device)
 
         h1 = agg.register_forward_pre_hook(pre)
         h2 = agg.register_forward_hook(post)
         try:
-            sync()
-            t0 = time.perf_counter()
+            t0 = clock(self.device)
             with torch.inference_mode():
                 out = self.model(images)
-            sync()
-            total = time.perf_counter() - t0
+            total = clock(self.device) - t0
         finally:
             h1.remove()
             h2.remove()
@@ -283,10 +274,10 @@ class VGGTTrack(Track):
     def _aggregator_seconds(self, images: torch.Tensor) -> float:
         """One more warm aggregator pass alone (CPU), in seconds."""
         x = images[None] if images.ndim == 4 else images
-        t0 = time.perf_counter()
+        t0 = clock(self.device)
         with torch.inference_mode():
             self.model.aggregator(x, keep_layers=self.model.kept_layers)
-        return time.perf_counter() - t0
+        return clock(self.device) - t0
 
     def _accuracy(self, scene, frames, out, hw) -> dict:
         extr, intr = pose_encoding_to_extri_intri(out["pose_enc"][0].float(), hw)
