@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from common.checks import check_finite, check_range, check_ratio, check_tensor
+from common.checks import budget, check_finite, check_range, check_ratio, check_tensor
 from common.selection import divprune_select
 from video.holitom.outer import LAYOUTS, OuterMergeResult, arrange_tokens, outer_merge
 
@@ -144,8 +144,10 @@ def visionzip_reduce(
     if tuple(metric.shape[:2]) != (f, n):
         raise ValueError(f"metric must be [F, N, C] with F, N = {(f, n)}, got {metric.shape}")
     device = x.device
-    b = max(1, round(n * retain_ratio))
-    dom = int(b * dominant_ratio)
+    b = budget(n, float(retain_ratio), name="retain_ratio")
+    dom = budget(
+        b, float(dominant_ratio), name="dominant_ratio", rounding="trunc", at_least_one=False
+    )
     ctx = b - dom
     ar = torch.arange(n, device=device)
     frames = torch.arange(f, device=device)
@@ -252,7 +254,7 @@ def uniform_frames_reduce(
         features, attention, retain_ratio, layout, newline, need_attention=False
     )
     f, n, _ = x.shape
-    k = max(1, round(f * retain_ratio))
+    k = budget(f, float(retain_ratio), name="retain_ratio")
     if k == 1:
         kept = torch.zeros(1, dtype=torch.long, device=x.device)
     else:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from common.checks import (
+    budget,
     check_compute_dtype,
     check_count,
     check_finite,
@@ -463,9 +464,13 @@ def _merge_one(
     # --- dynamic tokens: per frame, top ceil(n_dyn * r') by attention (static slots at -inf)
     n_dyn = n - p.static_mask.sum(1)  # [S]
     n_dyn_list = n_dyn.tolist()
-    total_budget = [math.ceil(v * r) for v in n_dyn_list]  # official: ceil, no epsilon
+    # official: math.ceil without tolerance (tol=0), Python round for the split
+    total_budget = [budget(v, r, name="r'", rounding="ceil", tol=0) for v in n_dyn_list]
     if dominant_share > 0:
-        dom_budget = [round(b * (1 - dominant_share)) for b in total_budget]
+        dom_budget = [
+            budget(b, 1 - dominant_share, name="1 - dominant_share", at_least_one=False)
+            for b in total_budget
+        ]
     else:
         dom_budget = total_budget
     if o.attention_ties == "lowest":
@@ -536,7 +541,7 @@ def _merge_one(
         for k in range(len(p.segments)):
             offsets.append(offsets[-1] + n_static[k])
         for k in multi:
-            c = round(n_static[k] * r)  # official: Python round, half to even
+            c = budget(n_static[k], r, name="r'", at_least_one=False)  # official: Python round
             if c <= 0:
                 continue  # the official code drops the segment's static tokens
             s = p.segments[k][0]
