@@ -109,6 +109,8 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert script.main(["--out", out, "--batch-size", "0", "--method", "fastv"]) == 2
     assert "batch_size" in capsys.readouterr().err
+    assert script.main(["--out", out, "--threads", "-1"]) == 2
+    assert "threads must be an int >= 0" in capsys.readouterr().err
     # HoliTom's paper layer 18 does not exist in the 4-layer tiny decoder: refused up front
     assert script.main(["--out", out, "--method", "holitom", "--retain-ratio", "0.1"]) == 2
     err = capsys.readouterr().err
