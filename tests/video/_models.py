@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from tests.engine._tiny import PAD, _left_pad  # the same left padding as the engine tests
+
 VOCAB = 128
-PAD = 0
 VIDEO_ID = 101
 FRAMES = 6  # LLaVA-OV frames; Qwen2-VL: FRAMES // 2 temporal grid steps
 
@@ -25,16 +26,6 @@ _TEXT = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
-
-
-def _left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), PAD, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, length - len(r) :] = r
-        mask[b, length - len(r) :] = 1
-    return ids, mask
 
 
 def _text(gen: torch.Generator, n: int) -> torch.Tensor:

@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from common.checks import check_count, check_range, check_ratio
+from common.checks import check_count, check_range
 from common.methods import register_method
 from video.hf import ReducedVideo, VideoReduceHandle, apply_video_reducer, video_model_kind
 from video.holitom.inner import FOLD_MODES, LAYER_ATTENTION, InnerMerge
-from video.holitom.outer import LAYOUTS, STATIC_MERGES, outer_merge
+from video.holitom.outer import LAYOUTS, OuterOptions, outer_merge
 
 __all__ = ["HoliTom", "keep_all_reducer"]
 
@@ -118,24 +118,25 @@ class HoliTom:
     inner_attention: str = "bidirectional"
 
     def __post_init__(self) -> None:
-        check_ratio("retain_ratio", self.retain_ratio)
-        check_range("tau", self.tau, -1.0, 1.0)
-        check_range("beta", self.beta, 0.0, 1.0)
-        check_range("dominant_share", self.dominant_share, 0.0, 1.0)
-        if self.dominant_share >= 1.0:
-            raise ValueError(f"dominant_share must be in [0, 1), got {self.dominant_share}")
-        check_count("knn_k", self.knn_k, low=1)
-        check_count("max_window_size", self.max_window_size, low=1)
         if self.layout not in ("auto", *LAYOUTS):
             raise ValueError(f"layout must be one of {('auto', *LAYOUTS)}, got {self.layout!r}")
-        if self.static_merge not in STATIC_MERGES:
-            raise ValueError(
-                f"static_merge must be one of {STATIC_MERGES}, got {self.static_merge!r}"
-            )
         if self.compute_dtype not in _DTYPES:
             raise ValueError(
                 f"compute_dtype must be one of {tuple(_DTYPES)}, got {self.compute_dtype!r}"
             )
+        # the outer stage's options are checked where outer_merge checks them (one rule)
+        OuterOptions(
+            retain_ratio=self.retain_ratio,
+            tau=self.tau,
+            beta=self.beta,
+            dominant_share=self.dominant_share,
+            knn_k=self.knn_k,
+            max_window_size=self.max_window_size,
+            layout="one_token" if self.layout == "auto" else self.layout,
+            static_merge=self.static_merge,
+            compute_dtype=_DTYPES[self.compute_dtype],
+            attention_ties="topk",
+        )
         check_count("seed", self.seed, low=0)
         check_count("inner_layer", self.inner_layer, low=1)
         check_range("inner_ratio", self.inner_ratio, 0.0, 1.0)

@@ -116,8 +116,8 @@ class OuterMergeResult:
 
 
 @dataclass(frozen=True)
-class _Options:
-    """The validated options shared by every video of a call."""
+class OuterOptions:
+    """The validated options shared by every video of a call (also checks HoliTom's fields)."""
 
     retain_ratio: float
     tau: float
@@ -398,7 +398,7 @@ def outer_merge_batch(
     frames); the static means, the dynamic top-k, the static merges and the
     final gather run once over all videos' frames and segments.
     """
-    o = _Options(
+    o = OuterOptions(
         retain_ratio,
         tau,
         beta,
@@ -450,7 +450,7 @@ def _merge_one(
     p: _Video,
     nl: torch.Tensor | None,
     dtype: torch.dtype,
-    o: _Options,
+    o: OuterOptions,
     gen: torch.Generator,
 ) -> OuterMergeResult:
     """Steps 4-7 for one planned video."""
