@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from common.checks import check_range, check_ratio
 from common.methods import register_method
 from video.hf import VideoReduceHandle, apply_video_reducer
-from video.holitom.method import HoliTom, keep_all_reducer
+from video.holitom.method import HoliTom, keep_all_reducer, resolve_layout
 from video.holitom.outer import LAYOUTS
 
 __all__ = ["DivPrune", "HoliTom", "UniformFrames", "VisionZip"]
@@ -60,7 +60,7 @@ class _OuterBaseline:
 
     def apply(self, model: nn.Module) -> VideoReduceHandle:
         """Patch the ``model`` instance; returns the handle (``remove()`` restores it)."""
-        layout = "one_token" if self.layout == "auto" else self.layout
+        layout = resolve_layout(self.layout, model)
         if self.retain_ratio == 1.0:
             reducer = keep_all_reducer
         else:

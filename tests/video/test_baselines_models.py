@@ -84,3 +84,11 @@ def test_methods_compare_by_changing_one_name(kind):
         # the original prompt comes back, followed by NEW tokens, for every method
         assert out.sequences.shape == full.sequences.shape, name
         assert torch.equal(out.sequences[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+
+
+@pytest.mark.parametrize("name", ("holitom", *OUTER))
+def test_grid_layout_is_refused_on_qwen2_vl(name):
+    """Qwen2-VL places no newline tokens: layout='grid' is an error for every outer stage."""
+    model, _ = BUILDERS["qwen2_vl"]()
+    with pytest.raises(ValueError, match="layout='grid' needs a LLaVA model"):
+        build_method(name, layout="grid").apply(model)

@@ -36,7 +36,7 @@ from video.hf import ReducedVideo, VideoReduceHandle, apply_video_reducer, video
 from video.holitom.inner import FOLD_MODES, LAYER_ATTENTION, InnerMerge
 from video.holitom.outer import LAYOUTS, OuterOptions, outer_merge
 
-__all__ = ["HoliTom", "keep_all_reducer"]
+__all__ = ["HoliTom", "keep_all_reducer", "resolve_layout"]
 
 _DTYPES = {"input": None, "float32": torch.float32}
 
@@ -55,6 +55,14 @@ def keep_all_reducer(features: Tensor, attention: Tensor | None, newline: Tensor
     if newline is not None:
         size[-1] = 0
     return ReducedVideo(tokens, frame, position, size)
+
+
+def resolve_layout(layout: str, model: nn.Module) -> str:
+    """The outer stage's layout on ``model``: ``"auto"`` is ``"one_token"`` (the HF models
+    place one newline at the end, Qwen2-VL none); ``"grid"`` only on a LLaVA model."""
+    if layout == "grid" and video_model_kind(model) != "llava_onevision":
+        raise ValueError("layout='grid' needs a LLaVA model (it places newline tokens)")
+    return "one_token" if layout == "auto" else layout
 
 
 @register_method(
@@ -189,12 +197,7 @@ class HoliTom:
 
     def apply(self, model: nn.Module) -> VideoReduceHandle:
         """Patch the ``model`` instance; returns the handle (``remove()`` restores it)."""
-        kind = video_model_kind(model)
-        layout = self.layout
-        if layout == "auto":
-            layout = "one_token"
-        if layout == "grid" and kind != "llava_onevision":
-            raise ValueError("layout='grid' needs a LLaVA model (it places newline tokens)")
+        layout = resolve_layout(self.layout, model)
         inner = self.inner()
         return apply_video_reducer(
             model,
