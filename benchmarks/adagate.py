@@ -32,6 +32,7 @@ import time
 import torch
 
 from common.benchmark import summarize, time_interleaved
+from common.checks import budget
 from common.engine import FastV
 from common.flops import count_flops, decoder_prefill_flops
 from threed.adagate import AdaGate
@@ -136,9 +137,7 @@ def run(quick: bool = False) -> list[dict]:
         min_keep=min(profile.keep),
         max_keep=profile.keep[0],
     )
-    sched_counts = {
-        layer: max(1, round(n_sp * k)) for layer, k in zip(profile.layers, profile.keep)
-    }
+    sched_counts = {layer: budget(n_sp, k) for layer, k in zip(profile.layers, profile.keep)}
     f_full = decoder_prefill_flops(n, hidden, inter, layers, mlp="swiglu")
     f_sched = decoder_prefill_flops(
         _tokens_per_layer(n_text, n_sp, layers, sched_counts), hidden, inter, mlp="swiglu"

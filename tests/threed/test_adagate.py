@@ -263,6 +263,20 @@ def test_adaptive_mode_keeps_per_sample_counts_in_one_batch(impl):
     assert counts[1][0] != counts[1][1]  # different scenes keep different counts
 
 
+def test_adaptive_bounds_given_as_int_one_are_ratios():
+    """min_keep=1 / max_keep=1 (ints) are the whole span, not a count of one token."""
+    model = build(seed=0, layers=4)
+    ids, mask, images, clicks = llava3d_batch(seed=3, scene_tokens=(40, 64))
+    gate = AdaGate(layers=(1,), keep=(1.0,), mode="adaptive", mass=0.5, min_keep=1, max_keep=1)
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    kw.update(attention_mask=mask, images=images, clicks=clicks)
+    plain = model.generate(ids, **kw)
+    with gate.apply(model) as h:
+        gated = model.generate(ids, **kw)
+        assert h.last_counts == {}  # every token kept: the exact identity, no pruned prefill
+    assert torch.equal(gated, plain)
+
+
 # ---------------------------------------------------------------------------- LLaVA-3D
 
 

@@ -21,7 +21,6 @@ Modes:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from common.checks import budget
 from common.engine import EngineHandle, find_decoder_layers
 from common.engine.plan import PlanContext, TokenPlan, topk_per_sample
 from common.methods import register_method
@@ -213,9 +213,9 @@ class _AdaGatePlan(TokenPlan):
     def budget(self, stage: int, span_len: int) -> int:
         """Schedule count for a span of ``span_len`` original tokens (one sample)."""
         keep = self.gate.keep[stage]
-        if self.gate.faithful:
-            return int(span_len * keep)  # the author code truncates
-        return min(span_len, max(1, round(span_len * keep)))
+        if self.gate.faithful:  # the author code truncates, and may keep none
+            return budget(span_len, keep, rounding="trunc", at_least_one=False)
+        return budget(span_len, keep)
 
     def counts(self, scores: Tensor, ctx: PlanContext) -> Tensor:
         """``[B]`` tokens each sample keeps at this stage."""
@@ -224,8 +224,9 @@ class _AdaGatePlan(TokenPlan):
         if self.gate.mode == "schedule":
             want = torch.tensor([self.budget(ctx.stage, int(n)) for n in n0.tolist()])
             return torch.minimum(want, alive)
-        low = torch.tensor([_ceil(self.gate.min_keep * int(n)) for n in n0.tolist()])
-        high = torch.tensor([int(self.gate.max_keep * int(n) + 1e-9) for n in n0.tolist()])
+        sizes = [int(n) for n in n0.tolist()]
+        low = torch.tensor([budget(n, float(self.gate.min_keep), rounding="ceil") for n in sizes])
+        high = torch.tensor([budget(n, float(self.gate.max_keep), rounding="floor") for n in sizes])
         high = torch.minimum(torch.maximum(high, low), alive)
         low = torch.minimum(low, high)
         return adaptive_counts(scores.cpu(), self.gate.mass, low, high, ctx.span_valid.cpu())
@@ -354,7 +355,3 @@ class AdaGateHandle(EngineHandle):
             self.recorder.remove()
             self.recorder = None
         super()._undo()
-
-
-def _ceil(x: float) -> int:
-    return int(math.ceil(x - 1e-9))

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from common.benchmark import clock
+from common.checks import budget
 from common.flops import decoder_prefill_flops
 from common.runs import FULL, Progress, Setting, Track, TrackContext, option
 
@@ -574,7 +575,7 @@ class Llava3DTrack(Track):
             per, cur = [], n_sp
             for i in range(self.dims["num_layers"]):
                 if i in sched.layers:
-                    cur = min(n_sp, max(1, round(n_sp * sched.keep[sched.layers.index(i)])))
+                    cur = budget(n_sp, sched.keep[sched.layers.index(i)])  # AdaGate's rule
                 per.append(n_text + cur)
             ratio = fastv_equal_flops(
                 n_text, n_sp, self._flops(per), self._flops, self.dims["num_layers"], layer=2
