@@ -6,7 +6,10 @@ Every method of the suite is a small validated ``@dataclass`` whose
 * ``handle.remove()`` undoes every patch (idempotent) and the model is
   exactly as before; the handle is also a context manager;
 * applying a method to a model that already carries an active handle
-  removes that handle first (applying again replaces, never stacks);
+  removes that handle first (applying again replaces, never stacks), also
+  when the two patch different parts of it (FastV on the decoder of a model
+  that carries HoliTom removes HoliTom, outer stage included); a method
+  made of parts applies them inside :meth:`MethodHandle._composing`;
 * ``repr(handle)`` says what is applied to what and whether it is active.
 
 The active handles live in one registry keyed by the patched module (weak
@@ -23,6 +26,7 @@ methods). A new method gets that suite by registering.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -47,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 # patched module -> weak reference to its active handle
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+# handles whose parts are being applied right now (MethodHandle._composing)
+_COMPOSING: list[MethodHandle] = []
 
 
 def active_handle(module: nn.Module) -> MethodHandle | None:
@@ -79,17 +85,42 @@ class MethodHandle:
 
     # ------------------------------------------------------------------ subclass API
     def _claim(self, key: nn.Module) -> None:
-        """Register as the active handle of ``key``, replacing (removing) any other first."""
-        previous = active_handle(key)
-        if previous is not None and previous is not self:
-            logger.info("replacing %r", previous)
-            previous.remove()
+        """Register as the active handle of ``key``, replacing (removing) any other first.
+
+        Also removes the active handles of other modules applied to the same
+        ``self.model`` (set it before claiming), except the handles this one
+        is a part of (:meth:`_composing`): two methods on one model would
+        otherwise each patch their part and neither work as documented.
+        """
+        model = getattr(self, "model", None)
+        for other_key, ref in list(_ACTIVE.items()):
+            other = ref()
+            if (
+                other is None
+                or other is self
+                or not other.active
+                or other in _COMPOSING
+                or (other_key is not key and getattr(other, "model", None) is not model)
+            ):
+                continue
+            logger.info("replacing %r", other)
+            other.remove()
         _ACTIVE[key] = weakref.ref(self)
         self._key = key
         self._is_active = True
 
     def _undo(self) -> None:  # pragma: no cover - every subclass overrides it
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _composing(self):
+        """Handles claimed inside this block are parts of this one (an outer stage applying
+        its inner stage): they do not remove it. The parts are this handle's to remove."""
+        _COMPOSING.append(self)
+        try:
+            yield
+        finally:
+            _COMPOSING.remove(self)
 
     # ------------------------------------------------------------------ public
     @property

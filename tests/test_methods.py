@@ -345,6 +345,29 @@ def test_fastvggt_on_the_model_and_on_its_aggregator_is_one_claim():
     assert _unclaimed(case)
 
 
+@pytest.mark.parametrize("first,second", [("holitom", "fastv"), ("fastv", "holitom")])
+def test_a_method_on_another_part_of_the_model_replaces_too(first, second):
+    """HoliTom claims the video LLM (its inner stage the decoder), FastV the decoder: the
+    second replaces the whole first method, outer stage included, and runs as it does alone
+    (before the fix FastV over HoliTom pruned nothing: no input_ids under the outer stage)."""
+    case = _case("video")
+    spec_a, spec_b = get_method(first), get_method(second)
+    a = case.apply(spec_a.build(**spec_a.example), case.model)
+    first_out = case.run(case.model)  # (transformers adds its own hooks on a first run)
+    b = case.apply(spec_b.build(**spec_b.example), case.model)
+    try:
+        assert not a.active and b.active
+        patches = _snapshot(case.model)
+        out = case.run(case.model)
+    finally:
+        b.remove()
+    assert _unclaimed(case)
+    with case.apply(spec_b.build(**spec_b.example), case.model):
+        assert _snapshot(case.model) == patches
+        _assert_same(out, case.run(case.model))
+    assert _differs(first_out, out)
+
+
 def test_tsp3d_method_options():
     from threed.tsp3d.methods import TSP3DPruning
 

@@ -372,7 +372,8 @@ class VideoReduceHandle(MethodHandle):
         self.inner = None
         if inner is not None:
             try:
-                self.inner = inner(model)
+                with self._composing():  # the inner handle must not remove this one
+                    self.inner = inner(model)
             except Exception:
                 self.remove()  # nothing half-applied stays on the model
                 raise
