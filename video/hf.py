@@ -410,11 +410,11 @@ class VideoReduceHandle(MethodHandle):
             raise NotImplementedError(
                 f"one video per sample is supported: {len(videos.features)} videos for batch {b}"
             )
-        orig_pos = deltas = None
+        orig_pos = None
         if self.kind == "qwen2_vl":
             grid = kwargs.get("video_grid_thw")
             grid = self._tap.grid if grid is None else grid
-            orig_pos, deltas = _rope_index(
+            orig_pos = _rope_index(
                 model, input_ids, attention_mask, {**kwargs, "video_grid_thw": grid}
             )
         embed = model.get_input_embeddings()
@@ -493,7 +493,6 @@ class VideoReduceHandle(MethodHandle):
             # decoding continues from the full sequence: next id = original max + 1
             full_next = (orig_pos.masked_fill(~valid[None], -1).amax(dim=(0, 2)) + 1)[:, None]
             new_deltas = full_next - out_mask.sum(1, keepdim=True)
-            del deltas
         return ShortInputs(
             out_ids, out_emb, out_mask, position_ids, new_deltas, spans, out_size, out_src, reduced
         )
@@ -670,12 +669,12 @@ def _video_token_id(cfg: Any) -> int:
     raise ValueError("the model config has no video_token_id / video_token_index")
 
 
-def _rope_index(model: nn.Module, ids: Tensor, mask: Tensor, kwargs: dict) -> tuple[Tensor, Tensor]:
-    """The full prompt's ``[3, B, L]`` M-RoPE ids and deltas, from the model's own rule."""
+def _rope_index(model: nn.Module, ids: Tensor, mask: Tensor, kwargs: dict) -> Tensor:
+    """The full prompt's ``[3, B, L]`` M-RoPE ids, from the model's own rule."""
     mm = kwargs.get("mm_token_type_ids")
     if mm is None:
         mm = (ids == _video_token_id(model.config)).to(torch.int32) * 2
-    pos, deltas = _call_filtered(
+    pos, _deltas = _call_filtered(
         _base(model).get_rope_index,
         input_ids=ids,
         mm_token_type_ids=mm,
@@ -683,7 +682,7 @@ def _rope_index(model: nn.Module, ids: Tensor, mask: Tensor, kwargs: dict) -> tu
         second_per_grid_ts=kwargs.get("second_per_grid_ts"),
         attention_mask=mask,
     )
-    return pos, deltas
+    return pos
 
 
 def _cache_len(cache: Any) -> int:
@@ -701,7 +700,10 @@ def apply_video_reducer(
     needs_attention: bool = True,
     inner: Callable[[nn.Module], Any] | None = None,
 ) -> VideoReduceHandle:
-    """Wrap ``model``'s ``forward`` / ``generate`` so its video span is reduced first.
+    """Hook ``model`` (the instance) so its video span is reduced before the decoder runs.
+
+    ``forward`` and ``generate`` are not replaced: pre-hooks rewrite their keyword
+    arguments (see the module docstring).
 
     Args:
         model: a ``LlavaOnevisionForConditionalGeneration`` or Qwen2(.5)-VL model.
