@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import Any
 
-__all__ = ["setup_logging", "configure_threads", "DEFAULT_THREADS"]
+__all__ = ["setup_logging", "add_threads_argument", "configure_threads", "DEFAULT_THREADS"]
 
 DEFAULT_THREADS = 1
 """Intra-op threads of the scripts unless ``--threads`` says otherwise."""
@@ -50,6 +51,18 @@ def setup_logging(verbose: bool = False) -> None:
     )
     warnings.filterwarnings("ignore", message=r"`torch\.cuda\.amp\.custom_", category=FutureWarning)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+
+
+def add_threads_argument(parser: Any) -> None:
+    """The scripts' ``--threads N`` flag (``None`` unless given: :data:`DEFAULT_THREADS`);
+    pass its value to :func:`configure_threads`. ``parser``: an argparse parser or group."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help=f"intra-op CPU threads (default: {DEFAULT_THREADS}, which holds up on a busy "
+        "machine; 0 = torch's choice, one per core)",
+    )
 
 
 def configure_threads(threads: int | None = None) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 # (see common/cli.py for the measurements); a value the user set wins
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common.cli import DEFAULT_THREADS, configure_threads, setup_logging  # noqa: E402
+from common.cli import add_threads_argument, configure_threads, setup_logging  # noqa: E402
 from common.runs import RunConfig, RunError, check_device, check_out_dir, run  # noqa: E402
 from threed.evaluation import TRACKS, DataPaths, resolve_scenes, scene_loader  # noqa: E402
 
@@ -73,13 +73,7 @@ def build_parser(tracks: dict) -> argparse.ArgumentParser:
         "--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)"
     )
     run_group.add_argument("--seed", type=int, default=0)
-    run_group.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help=f"intra-op CPU threads (default: {DEFAULT_THREADS}, which holds up on a busy "
-        "machine; 0 = torch's choice, one per core)",
-    )
+    add_threads_argument(run_group)
     run_group.add_argument("--out", type=Path, default=Path("results/eval_scannet"))
     run_group.add_argument(
         "--no-visuals", action="store_true", help="skip the pictures of what was kept"

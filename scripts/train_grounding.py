@@ -23,7 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from common.cli import DEFAULT_THREADS, configure_threads, setup_logging  # noqa: E402
+from common.cli import add_threads_argument, configure_threads, setup_logging  # noqa: E402
 from threed.tsp3d import TextEncoder, TSP3DConfig, TSP3DGrounder  # noqa: E402
 from threed.tsp3d.train import (  # noqa: E402
     TrainConfig,
@@ -72,13 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help=f"intra-op CPU threads (default: {DEFAULT_THREADS}, which holds up on a busy "
-        "machine; 0 = torch's choice, one per core)",
-    )
+    add_threads_argument(p)
     p.add_argument("--out", type=Path, default=Path("runs/tsp3d"))
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
