@@ -147,6 +147,21 @@ def test_schedule_meets_the_flops_target():
         choose_schedule(flow, target_flops=0.01, num_text=75, num_spatial=1600, **dims)
 
 
+def test_calibration_keeps_at_least_min_keep_tokens():
+    """The floor of every gate is min_keep_tokens of the samples' 60-token span."""
+    model = _llama(layers=8)
+    samples = _samples(2)
+    bare = AdaGate.calibrate(model, samples, target_flops=0.6, stages=2, min_keep_tokens=1)
+    floored = AdaGate.calibrate(model, samples, target_flops=0.75, stages=2, min_keep_tokens=30)
+    assert min(floored.keep) >= 0.5 and floored.flops_ratio <= 0.75 + 1e-9
+    assert floored.extra["min_keep_tokens"] == 30
+    assert min(bare.keep) < 0.5  # the floor is what holds the schedule up
+    with pytest.raises(ValueError, match="min_keep"):
+        AdaGate.calibrate(model, samples, target_flops=0.6, stages=2, min_keep_tokens=60)
+    with pytest.raises(ValueError, match="min_keep_tokens"):
+        AdaGate.calibrate(model, samples, target_flops=0.6, min_keep_tokens=0)
+
+
 def test_calibration_round_trip(tmp_path):
     model = _llama(layers=8)
     out = tmp_path / "profiles" / "tiny.json"

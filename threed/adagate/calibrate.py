@@ -380,7 +380,9 @@ def choose_schedule(
     the largest value meeting the target (past a zero floor the fitted decay
     rate ``B`` is raised instead), and the set retaining the most
     flow-weighted spatial tokens (``sum_l keep_l * (flow_l + eps)``) wins.
-    Raises ``ValueError`` when no candidate reaches the target.
+    ``min_keep`` (in (0, 1]; default one token of ``num_spatial``) is the
+    smallest keep ratio any gate gets. Raises ``ValueError`` when no candidate
+    reaches the target.
     """
     flow = torch.as_tensor(flow, dtype=torch.float64).flatten()
     num_layers = int(flow.numel())
@@ -389,6 +391,8 @@ def choose_schedule(
     if not 1 <= stages < num_layers:
         raise ValueError(f"stages must be in [1, {num_layers - 1}], got {stages}")
     min_keep = 1.0 / max(num_spatial, 1.0) if min_keep is None else float(min_keep)
+    if not 0 < min_keep <= 1:
+        raise ValueError(f"min_keep must be in (0, 1], got {min_keep}")
     c1, c2 = _layer_cost(hidden_size, intermediate_size, kv_dim or hidden_size, mlp)
     n_full = num_text + num_spatial
     full = num_layers * (c1 * n_full + c2 * n_full**2)
@@ -452,7 +456,8 @@ def choose_schedule(
         floor_ratio = num_layers * (c1 * num_text + c2 * num_text**2) / full
         raise ValueError(
             f"target_flops={target_flops} cannot be reached with {stages} gating layers "
-            f"(the text tokens alone cost {floor_ratio:.3f} of the unpruned prefill and gating "
-            "cannot start before layer 1); raise target_flops or stages"
+            f"(the text tokens alone cost {floor_ratio:.3f} of the unpruned prefill, gating "
+            f"cannot start before layer 1 and no gate keeps under min_keep={min_keep:.4g} of "
+            "the span); raise target_flops or stages, or lower the minimum keep"
         )
     return best
