@@ -189,7 +189,10 @@ def visionzip_reduce(
         tokens.append(merged.reshape(f * ctx, d))
         frame.append(frames.repeat_interleave(ctx))
         pos.append(rest[:, targets].reshape(-1))
-        size.append((counts.round().long() + 1).reshape(-1))
+        # members counted in integers: a bf16 count rounds above 256 (603 members -> 600)
+        members = torch.zeros(f, ctx, dtype=torch.long, device=device)
+        members.scatter_add_(1, assign, torch.ones_like(assign))
+        size.append((members + 1).reshape(-1))
         group.append(torch.ones(f * ctx, dtype=torch.long, device=device))
     frame_t, pos_t, group_t = torch.cat(frame), torch.cat(pos), torch.cat(group)
     key = (frame_t * 2 + group_t) * n + pos_t  # per frame: dominant, then contextual

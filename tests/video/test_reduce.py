@@ -122,3 +122,13 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="newline"):
         uniform_frames_reduce(x, newline=torch.zeros(3))
     assert NEWLINE == -1
+
+
+def test_visionzip_sizes_count_every_input_token_in_bf16():
+    """One contextual token per frame takes 602 members: a bf16 count would say 600."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 603, 8, dtype=torch.bfloat16)
+    out = visionzip_reduce(x, torch.rand(2, 603), retain_ratio=1 / 603, dominant_ratio=0.0)
+    assert out.size.tolist() == [603, 603]
+    out = visionzip_reduce(x, torch.rand(2, 603), retain_ratio=0.05)
+    assert int(out.size.sum()) == 2 * 603
