@@ -27,7 +27,7 @@ from pathlib import Path
 # (see common/cli.py for the measurements); a value the user set wins
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common.cli import DEFAULT_THREADS, configure_threads, setup_logging  # noqa: E402
+from common.cli import add_threads_argument, configure_threads, setup_logging  # noqa: E402
 from common.runs import (
     RunConfig,
     RunError,
@@ -80,13 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_group = p.add_argument_group("run")
     run_group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     run_group.add_argument("--seed", type=int, default=0)
-    run_group.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help=f"intra-op CPU threads (default: {DEFAULT_THREADS}, which holds up on a busy "
-        "machine; 0 = torch's choice, one per core)",
-    )
+    add_threads_argument(run_group)
     run_group.add_argument("--out", type=Path, default=Path("results/video_qa"))
     run_group.add_argument("-v", "--verbose", action="store_true")
     p.add_argument(
