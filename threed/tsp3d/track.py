@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from common.benchmark import clock, peak_memory_mb
+from common.methods import build_method
 from common.runs import FULL, Progress, Setting, Track, TrackContext, option
 
 from .losses import axis_aligned_iou
@@ -294,10 +295,12 @@ class GroundingTrack(Track):
 
     @staticmethod
     def _kwargs(setting: Setting) -> dict:
+        """The grounder's forward options of ``setting``, through the registered
+        ``"tsp3d"`` method (its checks, its defaults)."""
         if setting.method == "full":
-            return {"prune": False}
+            return build_method("tsp3d", prune=False).forward_kwargs()
         if setting.method in ("tsp3d", "tsp3d-oracle"):
-            return {"prune": True, **setting.params}
+            return build_method("tsp3d", **setting.params).forward_kwargs()
         raise ValueError(f"grounding track: unknown method {setting.method!r}")
 
     @torch.no_grad()
