@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -125,8 +126,13 @@ def test_decord_failure_falls_back_to_pyav(counting_video, monkeypatch, caplog):
 
     monkeypatch.setitem(reader_mod._DECODERS, "decord", broken)
     monkeypatch.setattr(reader_mod, "available_backends", lambda: ["decord", "pyav"])
-    clip = load_video(counting_video, num_frames=4)
+    with caplog.at_level(logging.INFO, logger="video.io.reader"):
+        clip = load_video(counting_video, num_frames=4)
     assert clip.backend == "pyav" and clip.num_frames == 4
+    np.testing.assert_array_equal(
+        clip.frames, load_video(counting_video, num_frames=4, backend="pyav").frames
+    )
+    assert "decord cannot read this" in caplog.text  # the fallback says why
 
 
 def test_file_decord_misreads_still_loads(tmp_path):
