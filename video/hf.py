@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.methods import MethodHandle
+from video.holitom.outer import NEWLINE  # the reducers' position marker of a newline token
 
 __all__ = [
     "ReducedVideo",
@@ -73,8 +74,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-NEWLINE = -1
 
 
 @dataclass(frozen=True)
