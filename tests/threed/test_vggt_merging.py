@@ -53,6 +53,19 @@ def test_ratio_zero_is_identical(model, images):
         assert torch.equal(ref[key], out[key]), key
 
 
+def test_merging_runs_with_autograd_on(model, images):
+    """The README's bare ``model(images)`` (no no_grad): same outputs, and a backward."""
+    with TokenMerging(ratio=0.9).apply(model):
+        ref = _run(model, images)
+        out = model(images)
+    assert out["depth"].requires_grad
+    for key in ("depth", "world_points", "pose_enc"):
+        torch.testing.assert_close(out[key], ref[key], rtol=0, atol=0, msg=key)
+    out["depth"].sum().backward()
+    assert any(p.grad is not None for p in model.aggregator.global_blocks.parameters())
+    model.zero_grad(set_to_none=True)
+
+
 def test_merging_changes_then_remove_restores(model, images):
     ref = _run(model, images)
     sd = {k: v.clone() for k, v in model.state_dict().items()}

@@ -333,6 +333,10 @@ def _merge_heads(t: Tensor, dst_of: Tensor, extra: Tensor, kk: int) -> Tensor:
     """
     b, h, _, d = t.shape
     ne = int(extra.numel())
+    if torch.is_grad_enabled() and t.requires_grad:
+        # autograd refuses the in-place writes into a slice of ``out``: same values, copied
+        merged = scatter_merge(t, dst_of, kk, "mean", dim=2)
+        return torch.cat([merged, t.index_select(2, extra)], 2) if ne else merged.contiguous()
     out = t.new_empty(b, h, kk + ne, d)
     scatter_merge(t, dst_of, kk, "mean", dim=2, out=out[:, :, :kk])
     if ne:
