@@ -316,6 +316,7 @@ def run(
         try:
             tracks.append(cls(options.get(name, cls.Options()), context))
         except (OSError, ValueError) as e:  # a missing or unreadable file its options name
+            log.info("track %s could not be built", name, exc_info=True)  # traceback with -v
             raise RunError(f"track {name}: {e}") from e
     settings = {t.name: t.settings() for t in tracks}
 
