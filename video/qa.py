@@ -761,22 +761,6 @@ def _value(text: str) -> Any:
     return text.strip()
 
 
-def _load_video_methods() -> None:
-    """Import the video method modules so they register (best effort).
-
-    ``common.methods`` imports its providers lazily; ``video.holitom``'s package
-    does not import its method module, so ask for it directly here.
-    """
-    import importlib
-
-    for name in ("video.holitom.method", "video.baselines"):
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name is None or not name.startswith(e.name):
-                raise
-
-
 def expand_settings(specs: Sequence[tuple[str, dict[str, str]]]) -> list[Setting]:
     """``[(method, {param: "v1,v2"})]`` -> one :class:`Setting` per value combination.
 
@@ -787,7 +771,6 @@ def expand_settings(specs: Sequence[tuple[str, dict[str, str]]]) -> list[Setting
     """
     from common.methods import build_method, get_method
 
-    _load_video_methods()
     out: list[Setting] = [FULL]
     seen = {"full"}
     for name, params in specs:
@@ -878,7 +861,6 @@ def default_settings(tiny: bool) -> list[tuple[str, dict[str, str]]]:
     """
     from common.methods import get_method, registered_methods
 
-    _load_video_methods()
     names = registered_methods()
     holitom = {"retain_ratio": "0.1,0.25"}
     if tiny:

@@ -262,9 +262,7 @@ def test_batch_of_two_equals_each_alone(llava):
 
 def test_holitom_shortens_the_video_span():
     from common.methods import build_method
-    from video.qa import _load_video_methods
 
-    _load_video_methods()
     model, processor = build_tiny("tiny-random-qwen2-vl", seed=0)
     frames = np.repeat(_video(1, 3), 4, axis=0)  # a static clip: the background merges
     method = build_method("holitom", retain_ratio=0.25, inner_layer=2)
@@ -280,9 +278,8 @@ def test_holitom_batch_counts_equal_each_alone():
     """Different videos merge to different lengths (and inner-merge budgets): each sample's
     counts and FLOPs in a batch are what it gets alone (read from the engine's record)."""
     from common.methods import build_method
-    from video.qa import _engine_plan, _load_video_methods
+    from video.qa import _engine_plan
 
-    _load_video_methods()
     model, processor = build_tiny("tiny-random-llava-onevision", seed=0)
     static = np.repeat(_video(1, 5), 4, axis=0)
     videos = [static, _video(4, 6)]

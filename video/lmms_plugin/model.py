@@ -98,7 +98,7 @@ class HoloPruneVideoLMM(_lmms_base()):
         else:
             self.task_dict: dict = {}
         from common.methods import build_method
-        from video.qa import _load_video_methods, load_model
+        from video.qa import load_model
 
         self.batch_size_per_gpu = int(_parse(batch_size))
         if self.batch_size_per_gpu < 1:
@@ -142,7 +142,6 @@ class HoloPruneVideoLMM(_lmms_base()):
         self.method = None
         self.handle = None
         if self.method_name is not None:
-            _load_video_methods()
             self.method = build_method(self.method_name, **params)
             self.handle = self.method.apply(self._model)
         logger.info("holoprune lmms model: %s with %s", pretrained, self.method or "no method")
