@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from common.checks import check_count
+
 __all__ = [
     "clock",
     "sync",
@@ -52,6 +54,8 @@ def time_interleaved(
     ``torch.inference_mode``. ``on_output(name, output)`` sees every timed
     call's result (e.g. a model's own stage timings). Returns ``{name: [s, ...]}``.
     """
+    check_count("repeats", repeats, low=1)
+    check_count("warmup", warmup)
     times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.inference_mode():
         for _ in range(warmup):

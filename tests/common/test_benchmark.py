@@ -36,6 +36,10 @@ def test_time_interleaved_calls_in_turn_after_warmup():
     assert len(time_fn(lambda: None, repeats=4, warmup=0)) == 4
     res = compare(lambda: None, lambda: None, repeats=2, warmup=0)
     assert res["baseline"]["n"] == 2 and res["method"]["n"] == 2 and res["speedup"] > 0
+    with pytest.raises(ValueError, match=r"repeats must be in \[1, inf\], got 0"):
+        compare(lambda: None, lambda: None, repeats=0)  # was an IndexError in summarize
+    with pytest.raises(ValueError, match="warmup must be in"):
+        time_fn(lambda: None, warmup=-1)
 
 
 @needs_proc
