@@ -458,6 +458,7 @@ def choose_schedule(
             f"target_flops={target_flops} cannot be reached with {stages} gating layers "
             f"(the text tokens alone cost {floor_ratio:.3f} of the unpruned prefill, gating "
             f"cannot start before layer 1 and no gate keeps under min_keep={min_keep:.4g} of "
-            "the span); raise target_flops or stages, or lower the minimum keep"
+            "the span); raise target_flops or stages, or lower the minimum keep (min_keep_tokens "
+            "of AdaGate.calibrate)"
         )
     return best
