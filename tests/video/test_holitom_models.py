@@ -454,3 +454,17 @@ def test_mean_fold_weighs_tokens_by_the_outer_stage_sizes():
     # and it is not the unweighted mean
     plain = fold_into_most_similar(k1, torch.tensor([kept]), torch.tensor([drop]), mode="mean")
     assert not torch.allclose(plain[:, keep_idx], got["k_in"], atol=1e-4)
+
+
+def test_holitom_registers_through_its_own_provider():
+    """The registry finds 'holitom' without video.baselines (which also imports it)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import common.methods as m\n"
+        "m._PROVIDERS = tuple(p for p in m._PROVIDERS if p != 'video.baselines')\n"
+        "assert 'holitom' in m.registered_methods('video'), m.registered_methods()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
