@@ -58,7 +58,8 @@ def _read_safetensors(p: Path, map_location: Any, what: str) -> dict:
         from safetensors.torch import load_file  # lazy: installed with transformers
     except ImportError as e:  # pragma: no cover - environment dependent
         raise ImportError(f"reading {p} needs the safetensors package") from e
-    device = map_location if isinstance(map_location, str) else "cpu"
+    # torch.device("cuda:1") counts too; a callable or dict map_location has no equivalent
+    device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
     try:
         return load_file(str(p), device=device)
     except Exception as e:
