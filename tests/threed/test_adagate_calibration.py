@@ -22,23 +22,12 @@ from threed.adagate.calibrate import schedule_tokens
 from threed.analysis import spatial_contribution
 
 from .llava3d_standin import build, llava3d_batch
+from .test_adagate import _llama as tiny_llama
 
 
 def _llama(layers: int = 6, impl: str = "sdpa", seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        attn_implementation=impl,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    """The runtime tests' tiny LLaMA (4 heads, 2 KV heads, width 64)."""
+    return tiny_llama(impl, layers=layers, seed=seed)
 
 
 def _samples(n: int = 2, seed: int = 0):
