@@ -220,11 +220,19 @@ class TrackRegistry:
         return entry
 
     def available(self) -> dict[str, type[Track]]:
-        """Track classes that import in this environment, by name."""
+        """Track classes that import in this environment, by name.
+
+        An ``ImportError`` of another package (an optional dependency, a broken
+        native library) makes a track unavailable; one inside the entry's own
+        package (a missing module or name there) is a bug and is raised.
+        """
         found = {}
-        for name in self._entries:
+        for name, entry in self._entries.items():
             try:
                 found[name] = self.load(name)
             except ImportError as e:
+                own = entry.split(".")[0].split(":")[0] if isinstance(entry, str) else ""
+                if own and (e.name or "").split(".")[0] == own:
+                    raise
                 log.info("track %s unavailable: %s", name, e)
         return found

@@ -224,6 +224,27 @@ def test_unknown_track_bad_out_and_device_are_clear_errors(tmp_path):
     assert LOG == []  # nothing ran
 
 
+def test_registry_unavailable_only_for_another_packages_import_error(tmp_path, monkeypatch):
+    """A missing optional dependency hides a track; a broken import inside the entry's own
+    package is a bug and surfaces (it used to read as 'not available here')."""
+    pkg = tmp_path / "hp_fake_tracks"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "needs_dep.py").write_text("import hp_no_such_dependency  # noqa\n")
+    (pkg / "broken.py").write_text("from hp_fake_tracks import no_such_module  # noqa\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = TrackRegistry(
+        {
+            "counting": CountingTrack,
+            "dep": "hp_fake_tracks.needs_dep:Track",
+        }
+    )
+    assert list(reg.available()) == ["counting"]
+    reg.add("broken", "hp_fake_tracks.broken:Track")
+    with pytest.raises(ImportError, match="no_such_module"):
+        reg.available()
+
+
 class WeightsTrack(CountingTrack):
     """Reads a weights file when built, as the grounding track does."""
 
