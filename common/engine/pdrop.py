@@ -41,6 +41,10 @@ class PDrop(TokenPlan):
     ratios: tuple[float, ...] = (0.5, 0.5, 0.5)
 
     def __post_init__(self) -> None:
+        for name in ("layers", "ratios"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                raise ValueError(f"{name} must be a sequence (one entry per stage), got {value!r}")
         self.layers = tuple(self.layers)
         self.ratios = tuple(self.ratios)
         if not self.layers:

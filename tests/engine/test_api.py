@@ -42,6 +42,8 @@ from tests.engine._tiny import (
         (lambda: PDrop(layers=(1, 2), ratios=(0.5,)), "ratios"),
         (lambda: PDrop(layers=(1, 2), ratios=(0.5, 0.0)), "ratios"),
         (lambda: PDrop(layers=(), ratios=()), "layers"),
+        (lambda: PDrop(layers=8, ratios=(0.5,)), "layers must be a sequence"),
+        (lambda: PDrop(layers=(8,), ratios=0.5), "ratios must be a sequence"),
     ],
 )
 def test_bad_hyperparameters_name_the_field(make, field):
