@@ -340,8 +340,10 @@ class VideoReduceHandle(MethodHandle):
         method: the method object that applied it (for ``repr``).
         last: after a shortened prefill, a dict with ``input_ids``,
             ``attention_mask``, ``position_ids`` (the shortened prefill),
-            ``full_length`` / ``short_length`` per sample and ``reduced``
-            (the reducer's outputs); ``None`` before.
+            ``full_length`` / ``short_length`` per sample, ``spans`` (the video
+            span of each sample in the shortened prefill), ``sizes`` (``[B, L']``
+            input tokens each position stands for) and ``reduced`` (the
+            reducer's outputs); ``None`` before.
         inner: an inner-LLM handle (engine plan) applied with it, or ``None``.
     """
 
