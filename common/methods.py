@@ -100,7 +100,10 @@ class MethodHandle:
                 or other is self
                 or not other.active
                 or other in _COMPOSING
-                or (other_key is not key and getattr(other, "model", None) is not model)
+                or (
+                    other_key is not key
+                    and (model is None or getattr(other, "model", None) is not model)
+                )
             ):
                 continue
             logger.info("replacing %r", other)
