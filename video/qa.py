@@ -337,7 +337,9 @@ def format_prompt(sample: QASample) -> str:
 
 
 _ANSWER_PATTERNS = (
-    re.compile(r"^\s*\(?([A-J])\)?(?:[\.\):,\s]|$)"),  # "B", "B.", "(B) ...", "B: ..."
+    # "B", "B.", "(B) ...", "B: ..."; not the article of "A blue square" (a letter, then a
+    # lowercase word: left to the option texts)
+    re.compile(r"^\s*\(?([A-J])\)?(?:[\.\):,]|\s(?!\s*[a-z])|$)"),
     re.compile(r"(?:answer|option)\s*(?:is|:)?\s*\(?([A-J])\b", re.IGNORECASE),
     re.compile(r"\b([A-J])[\.\)]\s"),
     re.compile(r"(?<![A-Za-z])([A-J])(?![A-Za-z])"),

@@ -41,6 +41,10 @@ from video.tiny import build_tiny
         ("", None),
         ("\ufffd\ufffd", None),
         ("red or blue", None),  # two options named: ambiguous
+        ("A blue square", "D"),  # the article "A", then the option's text
+        ("A red one", "C"),
+        ("A", "A"),
+        ("B Blue", "B"),
     ],
 )
 def test_parse_option(text, expected):
