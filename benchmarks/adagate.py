@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 
 import torch
 
-from common.benchmark import summarize, time_interleaved
+from common.benchmark import clock, summarize, time_interleaved
 from common.checks import budget
 from common.engine import FastV
 from common.flops import count_flops, decoder_prefill_flops
@@ -108,9 +107,9 @@ def run(quick: bool = False) -> list[dict]:
     for i, n in enumerate(sizes):
         e, span = _sample(base, n, seed=100 + i)
         calib.append({"inputs_embeds": e, "spatial_spans": [span]})
-    t0 = time.perf_counter()
+    t0 = clock()
     profile = AdaGate.calibrate(base, calib, target_flops=target, stages=3, spatial_query_stride=8)
-    calib_s = time.perf_counter() - t0
+    calib_s = clock() - t0
     rows: list[dict] = [
         {
             "name": "adagate/calibration",
@@ -211,9 +210,9 @@ def run(quick: bool = False) -> list[dict]:
 
     def timed(fn):
         def wrapper(*a, **k):
-            t = time.perf_counter()
+            t = clock()
             out = fn(*a, **k)
-            spent.append(time.perf_counter() - t)
+            spent.append(clock() - t)
             return out
 
         return wrapper
