@@ -77,6 +77,9 @@ def test_eval_scannet_refuses_bad_out_device_and_empty_data(tmp_path, capsys):
         assert "no CUDA" in _one_line_error(capsys)
     assert eval_scannet.main([*base, "--out", str(tmp_path / "o")]) == 2
     assert "no scenes found" in _one_line_error(capsys)
+    missing_list = str(tmp_path / "scenes.txt")  # was taken as a scene id, then 'all failed'
+    assert eval_scannet.main([*base, "--scenes", missing_list, "--out", str(tmp_path / "o")]) == 2
+    assert "--scenes: file not found" in _one_line_error(capsys)
     (empty / "scene0000_00").mkdir()  # a scene folder without any file: fails to load
     (empty / "scene0001_00").mkdir()
     assert eval_scannet.main([*base, "--out", str(tmp_path / "o"), "--no-visuals"]) == 1

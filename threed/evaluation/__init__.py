@@ -5,6 +5,7 @@ summaries) is generic and lives in :mod:`common.runs`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ def resolve_scenes(spec: str | None, data: DataPaths) -> list[str]:
     path = Path(spec)
     if path.is_file():
         ids = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    elif "/" in spec or os.sep in spec:  # scene ids never hold one: a list file that is not there
+        raise ValueError(f"--scenes: file not found: {spec}")
     else:
         ids = [s.strip() for s in spec.split(",") if s.strip()]
     if not ids:
