@@ -436,12 +436,17 @@ def write_summary(
         md += f"\nFailed {config.unit_name}s: {', '.join(failed)} (see rows.jsonl for the errors)\n"
     (out / "summary.md").write_text(md)
     if groups:
-        write_plots(
-            groups,
-            out / "plots",
-            metrics=columns,
-            labels={t.name: t.labels for t in tracks},
-        )
+        try:
+            write_plots(
+                groups,
+                out / "plots",
+                metrics=columns,
+                labels={t.name: t.labels for t in tracks},
+            )
+        except ModuleNotFoundError as e:  # matplotlib is optional: the rows and tables stand
+            if e.name != "matplotlib" and not (e.name or "").startswith("matplotlib."):
+                raise
+            log.warning("no plots: matplotlib is not installed")
     files = [
         name
         for name in ("rows.jsonl", "summary.json", "summary.md", "plots/", "visuals/")

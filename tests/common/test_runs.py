@@ -245,6 +245,15 @@ def test_registry_unavailable_only_for_another_packages_import_error(tmp_path, m
         reg.available()
 
 
+def test_without_matplotlib_the_run_ends_with_tables_but_no_plots(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    summary = _run(tmp_path / "out", ["scene_a"])
+    assert summary.files == ["rows.jsonl", "summary.json", "summary.md"]
+    assert "| half |" in summary.markdown
+
+
 class WeightsTrack(CountingTrack):
     """Reads a weights file when built, as the grounding track does."""
 
