@@ -99,26 +99,18 @@ def generate(model, new: int, **kwargs):
     transformers 4.37 has no ``output_logits``; with greedy decoding and no
     logits processor its ``scores`` are the raw logits.
     """
+    logits_flag = "output_logits" if TF >= (4, 38, 0) else "output_scores"
     with torch.no_grad():
-        if TF >= (4, 38, 0):
-            out = model.generate(
-                **kwargs,
-                max_new_tokens=new,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-                pad_token_id=0,
-            )
-            return SimpleNamespace(sequences=out.sequences, logits=out.logits)
         out = model.generate(
             **kwargs,
             max_new_tokens=new,
             do_sample=False,
-            output_scores=True,
             return_dict_in_generate=True,
             pad_token_id=0,
+            **{logits_flag: True},
         )
-        return SimpleNamespace(sequences=out.sequences, logits=out.scores)
+    logits = out.logits if logits_flag == "output_logits" else out.scores
+    return SimpleNamespace(sequences=out.sequences, logits=logits)
 
 
 def _set_impl(model, impl: str):
