@@ -23,7 +23,14 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from common.cli import add_threads_argument, configure_threads, setup_logging  # noqa: E402
-from common.runs import RunConfig, RunError, check_device, check_out_dir, run  # noqa: E402
+from common.runs import (  # noqa: E402
+    RunConfig,
+    RunSummary,
+    check_device,
+    check_out_dir,
+    cli_exit,
+    run,
+)
 from threed.evaluation import TRACKS, DataPaths, resolve_scenes, scene_loader  # noqa: E402
 
 
@@ -109,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     tracks = TRACKS.available()
     args = build_parser(tracks).parse_args(argv)
     setup_logging(args.verbose)
-    try:
+
+    def start() -> RunSummary | None:
         configure_threads(args.threads)
         names = [t.strip() for t in args.tracks.split(",") if t.strip()]
         config = RunConfig(
@@ -125,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         check_out_dir(args.out)  # before generating data, not after the first scene
         check_device(args.device)
         data = _data(args)
-        summary = run(
+        return run(
             config,
             units=resolve_scenes(args.scenes, data),
             load_unit=scene_loader(data),
@@ -133,21 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             options=options,
             data=data,
         )
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except ValueError as e:  # a bad option value, named by its field
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if summary is None:  # a torchrun rank other than 0
-        return 0
-    print(summary.markdown)
-    problem = summary.problem()
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
-    print(f"results: {summary.out}/ ({', '.join(summary.files)})")
-    return 0
+
+    return cli_exit(start)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from common.cli import add_threads_argument, configure_threads, setup_logging  # noqa: E402
 from common.runs import (
     RunConfig,
-    RunError,
+    RunSummary,
     TrackContext,
     TrackRegistry,
     check_device,
     check_out_dir,
+    cli_exit,
     run,
 )
 from video.qa import (
@@ -100,18 +101,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     args = parser.parse_args(rest)
     setup_logging(args.verbose)
-    try:
+
+    def start() -> RunSummary | None:
         configure_threads(args.threads)
         check_out_dir(args.out)
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         device = check_device(args.device, int(os.environ.get("LOCAL_RANK", "0")), world)
         check_model(args.model)
         tiny = args.model.startswith("tiny-random-")
-        if not specs:
-            specs = default_settings(tiny)
+        settings = tuple(specs) if specs else tuple(default_settings(tiny))
         options = VideoQAOptions(
             model=args.model,
-            settings=tuple(specs),
+            settings=settings,
             frames=None if args.fps else args.frames,
             fps=args.fps,
             max_frames=args.max_frames,
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if rows_left(args.out, ids, labels):  # a finished run reruns without loading the model
             track.check_settings()  # settings the model cannot take fail before any work
         data = VideoQAData({s.id: s for s in samples}, ids[rank::world])
-        summary = run(
+        return run(
             RunConfig(
                 out=args.out,
                 tracks=[VideoQATrack.name],
@@ -155,21 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             options={VideoQATrack.name: options},
             data=data,
         )
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except (ValueError, ManifestError) as e:  # bad option values, named by their field
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if summary is None:  # a torchrun rank other than 0
-        return 0
-    print(summary.markdown)
-    problem = summary.problem()
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
-    print(f"results: {summary.out}/ ({', '.join(summary.files)})")
-    return 0
+
+    return cli_exit(start, usage_errors=(ValueError, ManifestError))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,15 @@ See :func:`common.runs.runner.run` for an example.
 """
 
 from .results import ResultsStore, read_rows, repair_tail, row_key
-from .runner import RunConfig, RunError, RunSummary, check_device, check_out_dir, run
+from .runner import (
+    RunConfig,
+    RunError,
+    RunSummary,
+    check_device,
+    check_out_dir,
+    cli_exit,
+    run,
+)
 from .summary import axis_label, markdown_table, summarize_rows, write_plots
 from .tracks import (
     FULL,
@@ -41,6 +49,7 @@ __all__ = [
     "axis_label",
     "check_device",
     "check_out_dir",
+    "cli_exit",
     "markdown_table",
     "option",
     "options_from_args",

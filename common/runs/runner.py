@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import traceback
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from .results import FAILED, ResultsStore, read_done, row_key
 from .summary import markdown_table, summarize_rows, unresolved_failures, write_plots
@@ -25,7 +26,15 @@ from .tracks import Setting, Track, TrackContext, TrackRegistry
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunConfig", "RunError", "RunSummary", "check_device", "check_out_dir", "run"]
+__all__ = [
+    "RunConfig",
+    "RunError",
+    "RunSummary",
+    "check_device",
+    "check_out_dir",
+    "cli_exit",
+    "run",
+]
 
 
 class RunError(Exception):
@@ -121,6 +130,43 @@ class RunSummary:
                 f"(errors in {self.out / 'rows.jsonl'})"
             )
         return None
+
+
+def cli_exit(
+    start: Callable[[], RunSummary | None],
+    *,
+    usage_errors: tuple[type[Exception], ...] = (ValueError,),
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """The end every batch script shares: run ``start()``, report, return the exit status.
+
+    A :class:`RunError` is one ``error:`` line and its ``exit_code``; one of
+    ``usage_errors`` (bad option values, named by their field) is one line and 2.
+    ``None`` (a torchrun rank other than 0) is 0. Otherwise the summary table is
+    written to ``out`` and the results folder named; a run whose every unit
+    failed is one ``error:`` line and 1. Writes to the streams on purpose: this
+    is the scripts' user-facing output, not logging.
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    try:
+        summary = start()
+    except RunError as e:
+        err.write(f"error: {e}\n")
+        return e.exit_code
+    except usage_errors as e:
+        err.write(f"error: {e}\n")
+        return 2
+    if summary is None:
+        return 0
+    out.write(summary.markdown + "\n")
+    problem = summary.problem()
+    if problem:
+        err.write(f"error: {problem}\n")
+        return 1
+    out.write(f"results: {summary.out}/ ({', '.join(summary.files)})\n")
+    return 0
 
 
 def check_out_dir(out: Path) -> Path:

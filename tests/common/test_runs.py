@@ -436,3 +436,33 @@ def test_settings_share_a_plot_line_only_within_a_series():
     assert axis_label("peak_mem_mb") == "peak mem (MB)"
     assert axis_label("aggregator_time_s") == "aggregator time (s)"
     assert axis_label("x", {"x": "words (unit)"}) == "words (unit)"
+
+
+def test_cli_exit_statuses_and_output(tmp_path):
+    import io
+
+    from common.runs import RunSummary, cli_exit
+
+    def ended(summary):
+        out, err = io.StringIO(), io.StringIO()
+        code = cli_exit(lambda: summary, out=out, err=err)
+        return code, out.getvalue(), err.getvalue()
+
+    ok = RunSummary([], [], 2, tmp_path, files=["rows.jsonl"], markdown="| t |")
+    assert ended(ok) == (0, f"| t |\nresults: {tmp_path}/ (rows.jsonl)\n", "")
+    bad = RunSummary([], ["a", "b"], 2, tmp_path, markdown="| t |", unit_name="sample")
+    code, out, err = ended(bad)
+    assert (code, out) == (1, "| t |\n") and err.startswith("error: all 2 samples failed")
+    assert ended(None) == (0, "", "")
+
+    def raising(exc):
+        def start():
+            raise exc
+
+        err = io.StringIO()
+        return cli_exit(start, out=io.StringIO(), err=err), err.getvalue()
+
+    assert raising(RunError("no units", exit_code=1)) == (1, "error: no units\n")
+    assert raising(ValueError("x: must be > 0")) == (2, "error: x: must be > 0\n")
+    with pytest.raises(KeyError):  # not a usage error: a bug, with its traceback
+        raising(KeyError("k"))
