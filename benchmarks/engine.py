@@ -38,7 +38,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["run"]
 
 
-def _model(hidden: int, layers: int, inter: int, heads: int, kv_heads: int, impl: str = "sdpa"):
+def random_decoder(
+    hidden: int, layers: int, inter: int, heads: int, kv_heads: int, impl: str = "sdpa"
+):
+    """A random Qwen2 decoder (seed 0, 1000-token vocabulary); the video benchmark uses it too."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -87,7 +90,7 @@ def _masked_rows(quick: bool, repeats: int) -> list[dict]:
     k = span // 4
     uneven = (k - k // 2, k, k + k // 2)
     even = (k, k, k)
-    model = _model(hidden, layers, inter, heads, kv_heads)
+    model = random_decoder(hidden, layers, inter, heads, kv_heads)
     gen = torch.Generator().manual_seed(1)
     n = span + text
     ids = torch.randint(10, 1000, (batch, n), generator=gen)
@@ -136,7 +139,7 @@ def _masked_rows(quick: bool, repeats: int) -> list[dict]:
     # decoding: `steps` single-token steps on each pruned cache (cropped back after each run)
     steps = 8 if quick else 16
     tok = ids[:, -1:]
-    model_m = _model(hidden, layers, inter, heads, kv_heads)
+    model_m = random_decoder(hidden, layers, inter, heads, kv_heads)
     handles = [equal.apply(model, spans=spans), masked.apply(model_m, spans=spans)]
     try:
         with torch.no_grad():
@@ -183,7 +186,7 @@ def run(quick: bool = False) -> list[dict]:
         hidden, layers, inter, heads, kv_heads, span, text = 512, 8, 2816, 8, 2, 4096, 64
         repeats = 5
     layer_k, keep_ratio = 2, 0.25
-    model = _model(hidden, layers, inter, heads, kv_heads)
+    model = random_decoder(hidden, layers, inter, heads, kv_heads)
     gen = torch.Generator().manual_seed(0)
     n = span + text
     ids = torch.randint(10, 1000, (1, n), generator=gen)
@@ -236,7 +239,7 @@ def run(quick: bool = False) -> list[dict]:
     ]
 
     # measured FLOPs (FlopCounterMode needs eager attention to see the n^2 term)
-    eager = _model(hidden, layers, inter, heads, kv_heads, impl="eager")
+    eager = random_decoder(hidden, layers, inter, heads, kv_heads, impl="eager")
     c_full = count_flops(lambda: eager(input_ids=ids, use_cache=False, logits_to_keep=1))
     with method.apply(eager, spans=spans):
         c_pruned = count_flops(lambda: eager(input_ids=ids, use_cache=False, logits_to_keep=1))
@@ -261,7 +264,7 @@ def run(quick: bool = False) -> list[dict]:
     tok = ids[:, -1:]
     with torch.no_grad():
         cache_full = _cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
-    model_p = _model(hidden, layers, inter, heads, kv_heads)
+    model_p = random_decoder(hidden, layers, inter, heads, kv_heads)
     handle = method.apply(model_p, spans=spans)
     with torch.no_grad():
         cache_pruned = _cache_of(model_p(input_ids=ids, use_cache=True, logits_to_keep=1))

@@ -37,6 +37,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from benchmarks.engine import random_decoder
 from common.benchmark import compare
 from common.clustering import dpc_knn
 from video.holitom import outer_merge, outer_merge_batch
@@ -183,30 +184,13 @@ def outer_stage_rows(quick: bool = False) -> list[dict]:
     return rows
 
 
-def _decoder(hidden: int, layers: int, inter: int, heads: int, kv_heads: int):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=1000,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=32768,
-        attn_implementation="sdpa",
-    )
-    return Qwen2ForCausalLM(cfg).eval()
-
-
 def outer_share_rows(quick: bool = False) -> list[dict]:
     """The outer stage's cost as a share of the unpruned prefill of the tiny
     LLaVA-OV-shaped decoder, on that model's own feature width."""
     hidden, layers, inter, heads, kv_heads = 512, 8, 1408, 8, 2
     frames, tokens, text = (16, 196, 64) if quick else (32, 196, 64)
     repeats = 2 if quick else 3
-    model = _decoder(hidden, layers, inter, heads, kv_heads)
+    model = random_decoder(hidden, layers, inter, heads, kv_heads)
     x, att = synthetic_clip(0, frames, tokens, hidden)
     newline = torch.randn(hidden, generator=torch.Generator().manual_seed(99))
     g = torch.Generator().manual_seed(1)

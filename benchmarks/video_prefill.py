@@ -41,6 +41,7 @@ import logging
 
 import torch
 
+from benchmarks.engine import random_decoder
 from common.benchmark import summarize, time_fn
 from common.flops import decoder_prefill_flops
 
@@ -53,20 +54,7 @@ TEXT_BEFORE, TEXT_AFTER = 32, 32
 
 
 def _decoder(layers: int = LAYERS, impl: str = "sdpa"):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=1000,
-        hidden_size=HIDDEN,
-        intermediate_size=INTER,
-        num_hidden_layers=layers,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        max_position_embeddings=32768,
-        attn_implementation=impl,
-    )
-    return Qwen2ForCausalLM(cfg).eval()
+    return random_decoder(HIDDEN, layers, INTER, HEADS, KV_HEADS, impl=impl)
 
 
 def _video(frames: int, tokens: int, dim: int, seed: int = 0):
