@@ -44,6 +44,20 @@ _TEXT = dict(
 )
 
 
+def qwen2_vl_vision(depth: int) -> dict:
+    """The tiny Qwen2-VL vision tower config (32 wide, 14-px patches, 2x2 merge) of all tests."""
+    return dict(
+        depth=depth,
+        embed_dim=32,
+        hidden_size=32,
+        num_heads=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+    )
+
+
 def _left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), PAD, dtype=torch.long)
@@ -205,16 +219,7 @@ def build(kind: str, impl: str, seed: int = 0, layers: int = 4):
             from transformers import Qwen2VLConfig as Cfg
             from transformers import Qwen2VLForConditionalGeneration as Model
 
-            vision = dict(
-                depth=1,
-                embed_dim=32,
-                hidden_size=32,
-                num_heads=2,
-                patch_size=14,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                in_channels=3,
-            )
+            vision = qwen2_vl_vision(depth=1)
         else:
             from transformers import Qwen2_5_VLConfig as Cfg
             from transformers import Qwen2_5_VLForConditionalGeneration as Model

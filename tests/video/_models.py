@@ -9,23 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from tests.engine._tiny import PAD, _left_pad  # the same left padding as the engine tests
+# the same left padding, text model and vision tower as the engine tests
+from tests.engine._tiny import _TEXT as _ENGINE_TEXT
+from tests.engine._tiny import _left_pad, qwen2_vl_vision
 
 VOCAB = 128
 VIDEO_ID = 101
 FRAMES = 6  # LLaVA-OV frames; Qwen2-VL: FRAMES // 2 temporal grid steps
 
-_TEXT = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    pad_token_id=PAD,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+_TEXT = dict(_ENGINE_TEXT, vocab_size=VOCAB)  # the engine tests' text model, 8 more ids
 
 
 def _text(gen: torch.Generator, n: int) -> torch.Tensor:
@@ -98,16 +90,7 @@ def build_qwen2_vl(impl: str = "sdpa", seed: int = 0, layers: int = 4, version: 
     if version == "2":
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-        vision = dict(
-            depth=2,
-            embed_dim=32,
-            hidden_size=32,
-            num_heads=2,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            in_channels=3,
-        )
+        vision = qwen2_vl_vision(depth=2)
         model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(vision_config=vision, **common))
         size = 112
     else:
