@@ -107,6 +107,21 @@ def cache_of(out):
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
+def plan_stages(
+    plan: dict[int, torch.Tensor], attn: torch.Tensor, new: int
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """A pruned generate's plan as positions over prompt + generated tokens.
+
+    ``plan``: layer -> kept prompt positions ``[B, K]``; ``attn``: the prompt's
+    mask ``[B, L]``. Returns the mask ``[B, L + new]`` and layer -> ``[B, K + new]``
+    (the generated tokens are never pruned), for the hand-run references.
+    """
+    b, lp = attn.shape
+    full_attn = torch.cat([attn, torch.ones(b, new, dtype=attn.dtype)], 1)
+    tail = torch.arange(lp, lp + new).expand(b, -1)
+    return full_attn, {layer: torch.cat([keep, tail], 1) for layer, keep in plan.items()}
+
+
 def generate(model, new: int, **kwargs):
     """Greedy ``generate`` returning ``.sequences`` and per-step ``.logits``.
 

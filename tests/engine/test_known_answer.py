@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common.engine import FastV, PDrop
-from tests.engine._tiny import build, generate, lm_logits, run_layer
+from tests.engine._tiny import build, generate, lm_logits, plan_stages, run_layer
 
 NEW = 5
 
@@ -48,9 +48,7 @@ def _run(kind, impl, method, batch):
         gen = generate(model, NEW, input_ids=ids, attention_mask=attn)
         plan = dict(handle.last_plan["keep_idx"])
     seq = gen.sequences
-    full_attn = torch.cat([attn, torch.ones(attn.shape[0], NEW, dtype=attn.dtype)], 1)
-    tail = torch.arange(lp, seq.shape[1]).expand(seq.shape[0], -1)
-    stages = {layer: torch.cat([keep, tail], 1) for layer, keep in plan.items()}
+    full_attn, stages = plan_stages(plan, attn, NEW)
     with torch.no_grad():
         ref = _reference_logits(model, seq, full_attn, stages)
     n_kept_prompt = list(plan.values())[-1].shape[1]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common.engine import FastV, PDrop
-from tests.engine._tiny import _left_pad, build, generate, lm_logits, run_layer
+from tests.engine._tiny import _left_pad, build, generate, lm_logits, plan_stages, run_layer
 
 NEW = 5
 
@@ -92,9 +92,7 @@ def test_pruned_generate_on_inputs_embeds_matches_hand_run(impl, method):
         for b, ((s, e),) in enumerate(spans):
             outside = [p for p in range(lp) if not s <= p < e]
             assert set(outside) <= set(keep[b].tolist())  # text and padding never dropped
-    attn = torch.cat([mask, torch.ones(2, NEW, dtype=mask.dtype)], 1)
-    tail = torch.arange(lp, lp + NEW).expand(2, -1)
-    stages = {layer: torch.cat([keep, tail], 1) for layer, keep in plan.items()}
+    attn, stages = plan_stages(plan, mask, NEW)
     ref = _reference(model, emb, new_tokens, attn, stages)
     n = list(plan.values())[-1].shape[1]
     torch.testing.assert_close(

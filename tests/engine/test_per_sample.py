@@ -14,7 +14,15 @@ import pytest
 import torch
 
 from common.engine import FastV, PlanContext, TokenPlan, topk_per_sample
-from tests.engine._tiny import _left_pad, _prompt, build, generate, lm_logits, run_layer
+from tests.engine._tiny import (
+    _left_pad,
+    _prompt,
+    build,
+    generate,
+    lm_logits,
+    plan_stages,
+    run_layer,
+)
 
 NEW = 4
 
@@ -162,14 +170,11 @@ class _Reindexed(TokenPlan):
 def test_reindex_positions_matches_contiguous_reference(kind, impl):
     model, inputs, spans = build(kind, impl, seed=5)
     ids, attn = inputs["input_ids"], inputs["attention_mask"]
-    lp = ids.shape[1]
     with _Reindexed().apply(model, spans=spans) as handle:
         gen = _gen(model, input_ids=ids, attention_mask=attn)
         plan = dict(handle.last_plan["keep_idx"])
     seq = gen.sequences
-    full_attn = torch.cat([attn, torch.ones(attn.shape[0], NEW, dtype=attn.dtype)], 1)
-    tail = torch.arange(lp, seq.shape[1]).expand(seq.shape[0], -1)
-    stages = {layer: torch.cat([keep, tail], 1) for layer, keep in plan.items()}
+    full_attn, stages = plan_stages(plan, attn, NEW)
     with torch.no_grad():
         ref = _reference_reindexed(model, seq, full_attn, stages)
     n = list(plan.values())[-1].shape[1]
