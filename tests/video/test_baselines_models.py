@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from common.methods import build_method, get_method
+from tests.engine._tiny import generate
 from tests.video._models import BUILDERS, VIDEO_ID, sample
 
 NEW = 3
@@ -14,15 +15,8 @@ OUTER = ("visionzip", "divprune", "uniform_frames")
 
 
 def _generate(model, inputs):
-    with torch.no_grad():
-        return model.generate(
-            **inputs,
-            max_new_tokens=NEW,
-            do_sample=False,
-            pad_token_id=0,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+    """Greedy: ``.sequences`` and per-step ``.logits``."""
+    return generate(model, NEW, **inputs)
 
 
 @pytest.mark.parametrize("kind", ["llava_ov", "qwen2_vl"])

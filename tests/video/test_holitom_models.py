@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.engine._tiny import generate
 from tests.video._models import BUILDERS, VIDEO_ID, sample
 from video.holitom.inner import InnerMerge, bidirectional_mask, fold_into_most_similar
 from video.holitom.method import HoliTom
@@ -14,17 +15,9 @@ IMPLS = ("sdpa", "eager")
 NEW = 4
 
 
-def _generate(model, inputs, **kw):
-    with torch.no_grad():
-        return model.generate(
-            **inputs,
-            max_new_tokens=NEW,
-            do_sample=False,
-            pad_token_id=0,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **kw,
-        )
+def _generate(model, inputs):
+    """Greedy: ``.sequences`` and per-step ``.logits``."""
+    return generate(model, NEW, **inputs)
 
 
 def _hook_counts(model):
@@ -272,12 +265,11 @@ def test_inner_fold_known_answer():
     torch.testing.assert_close(out[0, 4], (h[0, 4] + h[0, 2] + h[0, 5]) / 3)
 
 
-def test_inner_merge_on_the_engine_matches_the_hand_rule():
-    """The plan inside a real decoder: kept set = top round(L/2) of layer K-1's last row,
-    folded states = the hand rule applied to layer K-1's output."""
+def _qwen2(seed: int, **kw):
+    """A 4-layer, 32-wide random Qwen2 decoder with a 64-token vocabulary."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = Qwen2Config(
         vocab_size=64,
         hidden_size=32,
@@ -285,9 +277,15 @@ def test_inner_merge_on_the_engine_matches_the_hand_rule():
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        attn_implementation="eager",
+        **kw,
     )
-    model = Qwen2ForCausalLM(cfg).eval()
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def test_inner_merge_on_the_engine_matches_the_hand_rule():
+    """The plan inside a real decoder: kept set = top round(L/2) of layer K-1's last row,
+    folded states = the hand rule applied to layer K-1's output."""
+    model = _qwen2(seed=0, attn_implementation="eager")
     ids = torch.randint(3, 60, (1, 19))
     span = (3, 14)  # 11 tokens -> round(5.5) = 6 kept (half to even)
     captured = {}
@@ -341,18 +339,7 @@ def test_inner_merge_on_the_engine_matches_the_hand_rule():
 
 
 def test_bidirectional_changes_states_not_kept_set():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(1)
-    cfg = Qwen2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = Qwen2ForCausalLM(cfg).eval()
+    model = _qwen2(seed=1)
     ids = torch.randint(3, 60, (1, 20))
     outs, kept = {}, {}
     for mode in ("bidirectional", "causal"):
