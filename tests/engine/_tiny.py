@@ -361,3 +361,36 @@ def fresh_cache() -> dict:
     from transformers import DynamicCache
 
     return {CACHE_KW: DynamicCache()}
+
+
+def staged_reference(
+    model,
+    h: torch.Tensor,
+    attn2d: torch.Tensor,
+    stages: dict[int, torch.Tensor],
+    reindex_positions: bool = False,
+) -> torch.Tensor:
+    """Logits ``[B, n_last_stage, V]`` of a causal decoder run layer by layer by hand.
+
+    ``h``: input embeddings ``[B, T, D]``; ``attn2d``: ``[B, T]`` (0 = padding);
+    ``stages``: layer -> kept original positions ``[B, n]``, applied before that
+    layer. Positions are the original ones, or with ``reindex_positions`` the
+    kept real tokens' ``0..n-1`` after each stage.
+    """
+    dec = model.model
+    b, t = attn2d.shape
+    pos = (attn2d.cumsum(-1) - 1).clamp(min=0)
+    cur = torch.arange(t).expand(b, -1)
+    valid = attn2d.bool()
+    for layer_idx, layer in enumerate(dec.layers):
+        if layer_idx in stages:
+            keep = stages[layer_idx]
+            local = torch.searchsorted(cur, keep)  # positions of the kept tokens in `cur`
+            h = h.gather(1, local[:, :, None].expand(-1, -1, h.shape[-1]))
+            cur = keep
+        real = valid.gather(1, cur)
+        p = (real.long().cumsum(-1) - 1).clamp(min=0) if reindex_positions else pos.gather(1, cur)
+        allowed = (cur[:, None, :] <= cur[:, :, None]) & real[:, None, :]
+        mask = torch.where(allowed, 0.0, torch.finfo(h.dtype).min)[:, None]
+        h = run_layer(dec, layer, h, mask, p)
+    return lm_logits(model, dec, h)

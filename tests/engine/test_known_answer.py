@@ -13,30 +13,9 @@ import pytest
 import torch
 
 from common.engine import FastV, PDrop
-from tests.engine._tiny import build, generate, lm_logits, plan_stages, run_layer
+from tests.engine._tiny import build, generate, lm_logits, plan_stages, run_layer, staged_reference
 
 NEW = 5
-
-
-def _reference_logits(model, ids, attn2d, stages):
-    """``[B, n_last_stage, V]`` logits; ``stages``: {layer: keep_idx [B, n] original indices}."""
-    dec = model.model
-    b, t = ids.shape
-    pos = (attn2d.cumsum(-1) - 1).clamp(min=0)
-    cur = torch.arange(t).expand(b, -1)
-    h = dec.embed_tokens(ids)
-    valid = attn2d.bool()
-    for layer_idx, layer in enumerate(dec.layers):
-        if layer_idx in stages:
-            keep = stages[layer_idx]
-            local = torch.searchsorted(cur, keep)  # positions of the kept tokens in `cur`
-            h = h.gather(1, local[:, :, None].expand(-1, -1, h.shape[-1]))
-            cur = keep
-        p = pos.gather(1, cur)
-        allowed = (cur[:, None, :] <= cur[:, :, None]) & valid.gather(1, cur)[:, None, :]
-        mask = torch.where(allowed, 0.0, torch.finfo(h.dtype).min)[:, None]
-        h = run_layer(dec, layer, h, mask, p)
-    return lm_logits(model, dec, h)
 
 
 def _run(kind, impl, method, batch):
@@ -50,7 +29,7 @@ def _run(kind, impl, method, batch):
     seq = gen.sequences
     full_attn, stages = plan_stages(plan, attn, NEW)
     with torch.no_grad():
-        ref = _reference_logits(model, seq, full_attn, stages)
+        ref = staged_reference(model, model.model.embed_tokens(seq), full_attn, stages)
     n_kept_prompt = list(plan.values())[-1].shape[1]
     got = torch.stack(gen.logits, 1)  # [B, NEW, V]
     want = ref[:, n_kept_prompt - 1 : n_kept_prompt - 1 + NEW]

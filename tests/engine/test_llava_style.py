@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common.engine import FastV, PDrop
-from tests.engine._tiny import _left_pad, build, generate, lm_logits, plan_stages, run_layer
+from tests.engine._tiny import _left_pad, build, generate, plan_stages, staged_reference
 
 NEW = 5
 
@@ -36,23 +36,9 @@ def _llava_batch(model, seed: int = 2):
 
 def _reference(model, prompt_emb, new_tokens, attn2d, stages):
     """``[B, T, V]`` logits of a hand-run over prompt embeddings + generated tokens."""
-    dec = model.get_decoder()
     with torch.no_grad():
         h = torch.cat([prompt_emb, model.get_input_embeddings()(new_tokens)], 1)
-        b, t = h.shape[:2]
-        pos = (attn2d.cumsum(-1) - 1).clamp(min=0)
-        cur = torch.arange(t).expand(b, -1)
-        valid = attn2d.bool()
-        for layer_idx, layer in enumerate(dec.layers):
-            if layer_idx in stages:
-                keep = stages[layer_idx]
-                local = torch.searchsorted(cur, keep)
-                h = h.gather(1, local[:, :, None].expand(-1, -1, h.shape[-1]))
-                cur = keep
-            allowed = (cur[:, None, :] <= cur[:, :, None]) & valid.gather(1, cur)[:, None, :]
-            mask = torch.where(allowed, 0.0, torch.finfo(h.dtype).min)[:, None]
-            h = run_layer(dec, layer, h, mask, pos.gather(1, cur))
-        return lm_logits(model, dec, h)
+        return staged_reference(model, h, attn2d, stages)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])

@@ -19,9 +19,8 @@ from tests.engine._tiny import (
     _prompt,
     build,
     generate,
-    lm_logits,
     plan_stages,
-    run_layer,
+    staged_reference,
 )
 
 NEW = 4
@@ -129,27 +128,6 @@ def test_equal_counts_take_the_unpadded_path():
         assert h._state.stages[0].padded is False
 
 
-def _reference_reindexed(model, ids, attn2d, stages):
-    """Layers by hand; after each stage the kept real tokens get positions 0..n-1."""
-    dec = model.model
-    b, t = ids.shape
-    cur = torch.arange(t).expand(b, -1)
-    h = dec.embed_tokens(ids)
-    valid = attn2d.bool()
-    for layer_idx, layer in enumerate(dec.layers):
-        if layer_idx in stages:
-            keep = stages[layer_idx]
-            local = torch.searchsorted(cur, keep)
-            h = h.gather(1, local[:, :, None].expand(-1, -1, h.shape[-1]))
-            cur = keep
-        real = valid.gather(1, cur)
-        p = (real.long().cumsum(-1) - 1).clamp(min=0)
-        allowed = (cur[:, None, :] <= cur[:, :, None]) & real[:, None, :]
-        mask = torch.where(allowed, 0.0, torch.finfo(h.dtype).min)[:, None]
-        h = run_layer(dec, layer, h, mask, p)
-    return lm_logits(model, dec, h)
-
-
 @dataclass
 class _Reindexed(TokenPlan):
     stage_layers: tuple[int, ...] = (1, 3)
@@ -176,7 +154,8 @@ def test_reindex_positions_matches_contiguous_reference(kind, impl):
     seq = gen.sequences
     full_attn, stages = plan_stages(plan, attn, NEW)
     with torch.no_grad():
-        ref = _reference_reindexed(model, seq, full_attn, stages)
+        h = model.model.embed_tokens(seq)
+        ref = staged_reference(model, h, full_attn, stages, reindex_positions=True)
     n = list(plan.values())[-1].shape[1]
     got = torch.stack(gen.logits, 1)
     torch.testing.assert_close(got, ref[:, n - 1 : n - 1 + NEW], atol=1e-4, rtol=1e-4)
