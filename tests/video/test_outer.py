@@ -39,6 +39,14 @@ def scene_cut_clip(d: int = 32, seed: int = 0):
     return x, att, objects, touched
 
 
+def _assert_static_are_segment_means(out, x):
+    """Each static token is the mean of its position over its segment's frames."""
+    for first, last in out.segments:
+        sel = out.static & (out.frame == first)
+        expect = x[first : last + 1, out.position[sel]].mean(0)
+        torch.testing.assert_close(out.tokens[sel], expect, rtol=1e-5, atol=1e-5)
+
+
 def test_known_answer_static_background_and_moving_object():
     x, att, objects, touched = scene_cut_clip()
     out = outer_merge(x, att, retain_ratio=0.1)
@@ -71,10 +79,7 @@ def test_retain_all_keeps_every_dynamic_token_and_every_static_mean():
     assert out.retain_ratio == 1.0
     assert out.num_tokens == x.shape[0] * N - out.total_reduced
     assert int(out.size.sum()) == x.shape[0] * N
-    for first, last in out.segments:
-        sel = out.static & (out.frame == first)
-        expect = x[first : last + 1, out.position[sel]].mean(0)
-        torch.testing.assert_close(out.tokens[sel], expect, rtol=1e-5, atol=1e-5)
+    _assert_static_are_segment_means(out, x)
 
 
 def test_one_token_order_and_final_newline():
@@ -142,10 +147,7 @@ def test_static_merge_mean_and_beta_differ_only_on_static_tokens():
     assert not torch.allclose(a.tokens[a.static], b.tokens[b.static])
     # beta = 1 keeps the centres (the static means) unchanged
     c = outer_merge(x, att, retain_ratio=0.1, beta=1.0)
-    for first, last in c.segments:
-        sel = c.static & (c.frame == first)
-        expect = x[first : last + 1, c.position[sel]].mean(0)
-        torch.testing.assert_close(c.tokens[sel], expect, rtol=1e-5, atol=1e-5)
+    _assert_static_are_segment_means(c, x)
 
 
 def test_dominant_share_splits_each_frame_budget():
