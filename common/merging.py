@@ -314,7 +314,9 @@ def sequential_halving_merge(
     # rank of each member within its slot in index order: sort by (slot, index)
     order = (slot * n + ar_n).argsort(dim=1)
     sorted_slot = slot.gather(1, order)
-    first = torch.searchsorted(sorted_slot, torch.arange(k + 1, device=x.device).expand(b, -1))
+    first = torch.searchsorted(
+        sorted_slot, torch.arange(k + 1, device=x.device).expand(b, -1).contiguous()
+    )
     rank = torch.empty_like(order).scatter_(1, order, ar_n - first.gather(1, sorted_slot))
     m_i = m.gather(1, dst_of)  # members of each token's slot
     later = m_i - 1 - rank  # members of the same slot merged after this one
