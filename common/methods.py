@@ -241,14 +241,10 @@ def _load_providers() -> None:
     if _loaded:
         return
     _loaded = True
+    # every provider exists and imports only torch (optional dependencies are lazy), so a
+    # failing import is a real error: skipping it would silently drop its methods
     for mod in _PROVIDERS:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as err:
-            # a provider that does not exist (yet) is skipped; anything it fails to import
-            # is a real error (providers import optional dependencies lazily)
-            if err.name is None or not mod.startswith(err.name):
-                raise
+        importlib.import_module(mod)
 
 
 def registered_methods(kind: str | None = None) -> list[str]:
