@@ -789,20 +789,19 @@ class Llava3DTrack(Track):
                 )
                 t = clock(self.device) - t0  # time to first token
                 plan = handle.last_plan if handle is not None else None
-                length = (plan or {}).get("prefill_length")
                 out = model.generate(
                     input_ids, **kw, do_sample=False, max_new_tokens=self.max_new_tokens
                 )
-            return out[0].tolist(), t, plan, length
+            return out[0].tolist(), t, plan
+
+        from threed.adagate.llava3d import SpanRecorder
 
         full = []
         spans = []
         for x in ids:
-            from threed.adagate.llava3d import SpanRecorder
-
             rec = SpanRecorder(model)
             try:
-                out, t, _, _ = answer(x, None)
+                out, t, _ = answer(x, None)
             finally:
                 rec.remove()
             (s, e) = rec.spans[0][0]
@@ -841,7 +840,7 @@ class Llava3DTrack(Track):
                     # AdaGate finds the span through LLaVA-3D's input builder; FastV is told
                     kwargs = {"spans": [span]} if setting.method == "fastv" else {}
                     with method.apply(model, **kwargs) as handle:
-                        out, t, plan, _ = answer(x, handle)
+                        out, t, plan = answer(x, handle)
                     per = tokens_per_layer(f["per_layer"][0], self.dims["num_layers"], plan)
                     n = span[1] - span[0]
                     results.append(
