@@ -662,11 +662,14 @@ class _Live:
     next_pos: Tensor | None = None  # [B] M-RoPE id of the first decoded token (Qwen2-VL)
 
 
-def _video_token_id(cfg: Any) -> int:
+def _video_token_id(cfg: Any, *, required: bool = True) -> int | None:
+    """The config's video placeholder id; without one ``ValueError`` (``None`` if not required)."""
     for key in ("video_token_id", "video_token_index"):
         value = getattr(cfg, key, None)
         if isinstance(value, int):
             return value
+    if not required:
+        return None
     raise ValueError("the model config has no video_token_id / video_token_index")
 
 

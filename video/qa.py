@@ -498,15 +498,6 @@ def _load_processor(path: Path, model_type: str):
     )
 
 
-def _video_token_id(model) -> int | None:
-    cfg = model.config
-    for key in ("video_token_id", "video_token_index"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -634,6 +625,8 @@ def answer_batch(
         ``prefill_tflops``, ``ttft_ms``, ``latency_ms``, ``new_tokens``,
         ``batch_size``.
     """
+    from video.hf import _video_token_id
+
     device = next(model.parameters()).device
     tok = processor.tokenizer
     prompts = []
@@ -660,7 +653,7 @@ def answer_batch(
         for k, v in inputs.items()
     }
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    video_id = _video_token_id(model)
+    video_id = _video_token_id(model.config, required=False)
     visual_before = (ids == video_id).sum(1).tolist() if video_id is not None else [0] * len(ids)
     text_len = [int(m) - int(v) for m, v in zip(mask.sum(1).tolist(), visual_before)]
 
