@@ -646,14 +646,17 @@ class Llava3DTrack(Track):
                 for x, span in samples:
                     with method.apply(self.decoder, spans=[span]) as handle:
                         results.append(self._answer(x, span, handle))
-            yield self._row(setting, method, tokens, questions, full, results, n_sp)
+            views = len(tokens.frame_ids)
+            yield self._row(
+                setting, method, questions, full, results, n_sp, views, tokens.num_voxels
+            )
 
     def _decode(self, ids: list[int]) -> str:
         if self.real:
             return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         return self.tokenizer.decode(ids)
 
-    def _row(self, setting, method, tokens, questions, full, results, n_sp) -> dict:
+    def _row(self, setting, method, questions, full, results, n_sp, num_views, num_voxels) -> dict:
         flops = [self._flops(r["per_layer"]) for r in results]
         texts = [self._decode(r["ids"]) for r in results]
         acc = _accuracy(texts, questions)
@@ -663,9 +666,9 @@ class Llava3DTrack(Track):
             "accuracy_valid": self.accuracy_valid,
             "method_repr": repr(method) if method is not None else "full",
             "num_questions": len(questions),
-            "num_views": len(tokens.frame_ids),
+            "num_views": num_views,
             "spatial_tokens": n_sp,
-            "num_voxels": tokens.num_voxels,
+            "num_voxels": num_voxels,
             "kept_ratio": statistics.fmean(r["spatial_left"] / n_sp for r in results),
             "spatial_left": statistics.fmean(r["spatial_left"] for r in results),
             "prefill_tflops": statistics.fmean(flops) / 1e12,
@@ -818,17 +821,6 @@ class Llava3DTrack(Track):
         n_sp = spans[0][1] - spans[0][0]
         calib = [{"input_ids": x.to(self.device), **kw} for x in ids[:2]]
         n_text = full[0]["per_layer"][0] - n_sp
-        tokens = SpatialTokens(
-            torch.zeros(n_sp, 1),
-            torch.zeros(n_sp, 3),
-            torch.ones(n_sp),
-            torch.zeros(n_sp, 3),
-            torch.zeros(0),
-            torch.zeros(0),
-            torch.zeros(0),
-            views.frame_ids,
-            n_sp,
-        )
         for setting in settings:
             if setting.method == "full":
                 results, method = full, None
@@ -851,4 +843,7 @@ class Llava3DTrack(Track):
                             "spatial_left": n - (per[0] - per[-1]),
                         }
                     )
-            yield self._row(setting, method, tokens, questions, full, results, n_sp)
+            # LLaVA-3D pools inside the model: the span length stands for the voxels
+            yield self._row(
+                setting, method, questions, full, results, n_sp, len(views.frame_ids), n_sp
+            )
