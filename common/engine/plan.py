@@ -80,6 +80,7 @@ import torch
 from torch import Tensor, nn
 
 from common.engine.attention import attention_rows
+from common.similarity import cosine_similarity_matrix
 
 if TYPE_CHECKING:  # pragma: no cover
     from common.engine.runner import EngineHandle
@@ -276,9 +277,7 @@ class TokenPlan:
         token of the same sample, on the layer input ``ctx.hidden_states``
         (ties toward the lower index). Only called when :meth:`fold` is overridden.
         """
-        h = ctx.span_hidden().float()
-        h = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        sim = h @ h.transpose(1, 2)  # [B, S, S]
+        sim = cosine_similarity_matrix(ctx.span_hidden().float())  # [B, S, S]
         sim = sim.masked_fill(~keep[:, None, :], -math.inf)
         target = sim.argmax(-1)  # first maximum: lower index on ties
         slots = torch.arange(keep.shape[1], device=keep.device).expand_as(target)
