@@ -372,12 +372,6 @@ def parse_option(text: str, options: Sequence[str]) -> str | None:
 # ----------------------------------------------------------------------------- models
 
 
-def _lenient_processor(processor_cls: type) -> type:
-    from video.tiny import _lenient
-
-    return _lenient(processor_cls)
-
-
 _MODEL_CLASSES = {
     "llava_onevision": "LlavaOnevisionForConditionalGeneration",
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
@@ -456,6 +450,7 @@ def _load_processor(path: Path, model_type: str):
         LlavaOnevisionFrameProcessor,
         Qwen2VLFrameProcessor,
         hf_video_processors_available,
+        lenient_processor,
     )
 
     if hf_video_processors_available():
@@ -493,7 +488,7 @@ def _load_processor(path: Path, model_type: str):
         template = json.loads((path / "chat_template.json").read_text()).get("chat_template")
     elif (path / "chat_template.jinja").exists():
         template = (path / "chat_template.jinja").read_text()
-    return _lenient_processor(base)(
+    return lenient_processor(base)(
         image_processor=image, tokenizer=tok, video_processor=video, chat_template=template, **extra
     )
 

@@ -33,7 +33,6 @@ Decoder: Qwen2, hidden 64, 4 layers, 4 heads (2 KV heads).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -98,19 +97,6 @@ def _vocab_size(tok) -> int:
     return 64 * -(-len(tok) // 64)  # round up: embedding sizes a multiple of 64
 
 
-@functools.cache
-def _lenient(base: type) -> type:
-    """``base`` processor that also accepts a :class:`video.io.FrameVideoProcessor`."""
-    from video.io.processors import FrameVideoProcessor
-
-    def check(self, name, arg):
-        if name == "video_processor" and isinstance(arg, FrameVideoProcessor):
-            return type(arg)
-        return base.check_argument_for_proper_class(self, name, arg)
-
-    return type(base.__name__, (base,), {"check_argument_for_proper_class": check})
-
-
 def _text_config(hidden_size: int, num_layers: int, vocab_size: int, tok, **extra) -> dict:
     heads = max(2, hidden_size // 16)
     return dict(
@@ -164,7 +150,11 @@ def tiny_random_llava_onevision(
         LlavaOnevisionProcessor,
     )
 
-    from video.io.processors import LlavaOnevisionFrameProcessor, hf_video_processors_available
+    from video.io.processors import (
+        LlavaOnevisionFrameProcessor,
+        hf_video_processors_available,
+        lenient_processor,
+    )
 
     tok = build_tokenizer(_TEMPLATE.replace("VIDEO", "<video>").replace("IMAGE", "<image>"))
     vocab = _vocab_size(tok)
@@ -201,7 +191,7 @@ def tiny_random_llava_onevision(
         cls = LlavaOnevisionProcessor
     else:
         video_processor = LlavaOnevisionFrameProcessor(size=size, image_mean=mean, image_std=std)
-        cls = _lenient(LlavaOnevisionProcessor)
+        cls = lenient_processor(LlavaOnevisionProcessor)
     processor = cls(
         image_processor=image_processor,
         tokenizer=tok,
@@ -238,7 +228,11 @@ def tiny_random_qwen2_vl(
         Qwen2VLProcessor,
     )
 
-    from video.io.processors import Qwen2VLFrameProcessor, hf_video_processors_available
+    from video.io.processors import (
+        Qwen2VLFrameProcessor,
+        hf_video_processors_available,
+        lenient_processor,
+    )
 
     placeholder = "<|vision_start|>{}<|vision_end|>"
     tok = build_tokenizer(
@@ -286,7 +280,7 @@ def tiny_random_qwen2_vl(
         cls = Qwen2VLProcessor
     else:
         video_processor = Qwen2VLFrameProcessor(**kw)
-        cls = _lenient(Qwen2VLProcessor)
+        cls = lenient_processor(Qwen2VLProcessor)
     processor = cls(
         image_processor=image_processor,
         tokenizer=tok,

@@ -305,11 +305,11 @@ def test_hf_metadata_gives_the_real_sampling_rate(counting_video):
 def test_qwen2_5_vl_processor_reads_metadata_from_the_frame_processor(counting_video):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
 
-    from video.io.processors import Qwen2VLFrameProcessor
-    from video.tiny import _lenient, build_tokenizer
+    from video.io.processors import Qwen2VLFrameProcessor, lenient_processor
+    from video.tiny import build_tokenizer
 
     size = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
-    proc = _lenient(Qwen2_5_VLProcessor)(
+    proc = lenient_processor(Qwen2_5_VLProcessor)(
         image_processor=Qwen2VLImageProcessorPil(size=size),
         tokenizer=build_tokenizer(),
         video_processor=Qwen2VLFrameProcessor(size=size),

@@ -15,6 +15,7 @@ from video.io.processors import (
     LlavaOnevisionFrameProcessor,
     Qwen2VLFrameProcessor,
     hf_video_processors_available,
+    lenient_processor,
 )
 from video.io.reader import (
     VideoClip,
@@ -33,6 +34,7 @@ __all__ = [
     "VideoLoadError",
     "available_backends",
     "hf_video_processors_available",
+    "lenient_processor",
     "load_video",
     "loader_options",
     "sample_indices",

@@ -22,6 +22,7 @@ processors run.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "LlavaOnevisionFrameProcessor",
     "Qwen2VLFrameProcessor",
     "hf_video_processors_available",
+    "lenient_processor",
     "smart_resize",
 ]
 
@@ -51,6 +53,19 @@ def hf_video_processors_available() -> bool:
     except Exception:  # a torchvision built for another torch fails at import
         return False
     return True
+
+
+@functools.cache
+def lenient_processor(base: type) -> type:
+    """``base`` (a Hugging Face processor class) that also accepts a
+    :class:`FrameVideoProcessor` as its ``video_processor``."""
+
+    def check(self, name, arg):
+        if name == "video_processor" and isinstance(arg, FrameVideoProcessor):
+            return type(arg)
+        return base.check_argument_for_proper_class(self, name, arg)
+
+    return type(base.__name__, (base,), {"check_argument_for_proper_class": check})
 
 
 def smart_resize(
