@@ -30,6 +30,7 @@ import statistics
 
 import torch
 
+from benchmarks.engine import random_decoder
 from common.benchmark import clock, summarize, time_interleaved
 from common.checks import budget
 from common.engine import FastV
@@ -44,21 +45,11 @@ QK_SCALE = 4.0
 PREFIX, CLICK, QUESTION = 35, 1, 40
 
 
-def _model(hidden: int, layers: int, inter: int, heads: int, impl: str = "sdpa", seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=4096,
-        attn_implementation=impl,
+def _model(hidden: int, layers: int, inter: int, heads: int, impl: str = "sdpa"):
+    """A random LLaMA decoder (no GQA) with the q / k projections scaled by ``QK_SCALE``."""
+    model = random_decoder(
+        hidden, layers, inter, heads, heads, impl, family="llama", max_positions=4096
     )
-    model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(QK_SCALE)

@@ -39,23 +39,36 @@ __all__ = ["run"]
 
 
 def random_decoder(
-    hidden: int, layers: int, inter: int, heads: int, kv_heads: int, impl: str = "sdpa"
+    hidden: int,
+    layers: int,
+    inter: int,
+    heads: int,
+    kv_heads: int,
+    impl: str = "sdpa",
+    *,
+    family: str = "qwen2",
+    max_positions: int = 32768,
 ):
-    """A random Qwen2 decoder (seed 0, 1000-token vocabulary); the video benchmark uses it too."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """A random Qwen2 (or ``family="llama"``: LLaMA) decoder, seed 0, 1000-token
+    vocabulary; the video and AdaGate benchmarks use it too."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+    if family not in classes:
+        raise ValueError(f"family must be one of {sorted(classes)}, got {family!r}")
+    config_cls, model_cls = classes[family]
     torch.manual_seed(0)
-    cfg = Qwen2Config(
+    cfg = config_cls(
         vocab_size=1000,
         hidden_size=hidden,
         intermediate_size=inter,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=32768,
+        max_position_embeddings=max_positions,
         attn_implementation=impl,
     )
-    return Qwen2ForCausalLM(cfg).eval()
+    return model_cls(cfg).eval()
 
 
 def _cache_of(out):
