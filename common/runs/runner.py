@@ -345,13 +345,12 @@ def run(
 
     unit_field = config.unit_field
     store = ResultsStore(out, rank=rank if world > 1 else None, unit_field=unit_field)
-    # rows finished by any earlier run: merged rows and every shard file (a run
-    # with another number of ranks, or one that died before rank 0 merged)
+    # rows finished by any earlier run: merged rows and every shard file, this
+    # store's included (a run with another number of ranks, or one that died
+    # before rank 0 merged)
     done = set().union(
-        read_done(out / "rows.jsonl", unit_field),
-        *(read_done(p, unit_field) for p in _shard_files(out) if p != store.path),
+        *(read_done(p, unit_field) for p in [out / "rows.jsonl", *_shard_files(out)])
     )
-    done |= store.done()
 
     torch.manual_seed(config.seed)
     context = TrackContext(device=device, seed=config.seed, data=data, ratios=config.ratios)
