@@ -197,14 +197,12 @@ class Llava3DOptions:
     )
 
     def __post_init__(self) -> None:
-        for name in ("views", "max_new_tokens"):
+        for name in ("views", "max_new_tokens", "questions"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            if v is None and name != "questions":  # None: the model's default
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if isinstance(self.questions, bool) or not isinstance(self.questions, int):
-            raise ValueError(f"questions must be an int >= 1, got {self.questions!r}")
-        if self.questions < 1:
-            raise ValueError(f"questions must be an int >= 1, got {self.questions!r}")
         # the gate's own checks name the field (keep, mass, layers)
         from threed.adagate import AdaGate
 
