@@ -60,6 +60,7 @@ __all__ = [
     "parse_option",
     "read_manifest",
     "rows_left",
+    "video_inputs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -597,6 +598,48 @@ def _flops(model, lengths: list[int]) -> float:
     )
 
 
+def video_inputs(
+    model: torch.nn.Module,
+    processor: Any,
+    texts: Sequence[str],
+    videos: Sequence[Any],
+    metadata: Sequence[dict | None] | None = None,
+) -> dict[str, Any]:
+    """The model's ``generate`` inputs for one user turn per video: the video, then its text.
+
+    Args:
+        texts: the user text of each turn; ``videos``: ``[T, H, W, 3]`` uint8 frames each.
+        metadata: per video, ``VideoClip.hf_metadata()``; passed to the processor only
+            when every video has it.
+
+    Returns:
+        the processor's tensors (left-padded batch) on the model's device, floating
+        ones in the model's dtype.
+    """
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": t}]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for t in texts
+    ]
+    extra = {}
+    if metadata is not None and all(m is not None for m in metadata):
+        extra["video_metadata"] = list(metadata)
+    inputs = processor(
+        text=prompts, videos=list(videos), return_tensors="pt", padding=True, **extra
+    )
+    param = next(model.parameters())
+    return {
+        k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
+        if isinstance(v, torch.Tensor)
+        else v
+        for k, v in inputs.items()
+        if k != "video_metadata"
+    }
+
+
 def answer_batch(
     model: torch.nn.Module,
     processor: Any,
@@ -622,31 +665,8 @@ def answer_batch(
     """
     from video.hf import _video_token_id
 
-    device = next(model.parameters()).device
     tok = processor.tokenizer
-    prompts = []
-    for s in samples:
-        messages = [
-            {
-                "role": "user",
-                "content": [{"type": "video"}, {"type": "text", "text": format_prompt(s)}],
-            }
-        ]
-        prompts.append(
-            processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        )
-    extra = {"video_metadata": list(metadata)} if metadata is not None else {}
-    inputs = processor(
-        text=prompts, videos=list(videos), return_tensors="pt", padding=True, **extra
-    )
-    inputs = {k: v for k, v in inputs.items() if k != "video_metadata"}
-    dtype = next(model.parameters()).dtype
-    inputs = {
-        k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
-        if isinstance(v, torch.Tensor)
-        else v
-        for k, v in inputs.items()
-    }
+    inputs = video_inputs(model, processor, [format_prompt(s) for s in samples], videos, metadata)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     video_id = _video_token_id(model.config, required=False)
     visual_before = (ids == video_id).sum(1).tolist() if video_id is not None else [0] * len(ids)

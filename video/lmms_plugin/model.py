@@ -236,6 +236,8 @@ class HoloPruneVideoLMM(_lmms_base()):
         )
 
     def _answer(self, batch: list) -> list[str]:
+        from video.qa import video_inputs
+
         contexts, gen_kwargs, videos, metadata = [], batch[0].args[1] or {}, [], []
         for req in batch:
             context, _, doc_to_visual, doc_id, task, split = req.args
@@ -246,31 +248,7 @@ class HoloPruneVideoLMM(_lmms_base()):
             videos.append(frames)
             metadata.append(meta)
             contexts.append(str(context).replace("<image>", "").strip())
-        prompts = [
-            self.processor.apply_chat_template(
-                [
-                    {
-                        "role": "user",
-                        "content": [{"type": "video"}, {"type": "text", "text": c}],
-                    }
-                ],
-                add_generation_prompt=True,
-                tokenize=False,
-            )
-            for c in contexts
-        ]
-        extra = {"video_metadata": metadata} if all(m is not None for m in metadata) else {}
-        inputs = self.processor(
-            text=prompts, videos=videos, return_tensors="pt", padding=True, **extra
-        )
-        inputs = {k: v for k, v in inputs.items() if k != "video_metadata"}
-        dtype = next(self._model.parameters()).dtype
-        inputs = {
-            k: (v.to(self._device, dtype) if v.is_floating_point() else v.to(self._device))
-            if isinstance(v, torch.Tensor)
-            else v
-            for k, v in inputs.items()
-        }
+        inputs = video_inputs(self._model, self.processor, contexts, videos, metadata)
         temperature = float(gen_kwargs.get("temperature", 0) or 0)
         generate = dict(
             max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
