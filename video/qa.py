@@ -57,6 +57,7 @@ __all__ = [
     "expand_settings",
     "format_prompt",
     "load_model",
+    "model_dtype",
     "parse_option",
     "read_manifest",
     "rows_left",
@@ -401,6 +402,19 @@ def check_model(spec: str) -> str:
             f"(supported: {', '.join(_MODEL_CLASSES)})"
         )
     return model_type
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype to load a model in: ``auto`` is bf16 on CUDA and fp32 elsewhere, else
+    ``float32`` / ``bfloat16`` / ``float16`` (another name: ``ValueError``)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+    return _DTYPES[name]
 
 
 def load_model(
@@ -930,7 +944,7 @@ class VideoQAOptions:
             raise ValueError(f"batch_size must be an integer in [1, 1024], got {self.batch_size}")
         if int(self.max_new_tokens) != self.max_new_tokens or not 1 <= self.max_new_tokens <= 4096:
             raise ValueError(f"max_new_tokens must be in [1, 4096], got {self.max_new_tokens}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype}")
 
 
@@ -1006,14 +1020,8 @@ class VideoQATrack(Track):
 
     def _load(self):
         if self._model is None:
-            dtype = {
-                "float32": torch.float32,
-                "bfloat16": torch.bfloat16,
-                "float16": torch.float16,
-            }.get(self.options.dtype)
             device = torch.device(self.context.device)
-            if dtype is None:
-                dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            dtype = model_dtype(self.options.dtype, device)
             key = (self.options.model, str(device), str(dtype))
             key += (self.options.attn_implementation, self.context.seed)
             if key not in _LOADED:  # one load per process (the settings check reuses it)

@@ -98,7 +98,7 @@ class HoloPruneVideoLMM(_lmms_base()):
         else:
             self.task_dict: dict = {}
         from common.methods import build_method
-        from video.qa import load_model
+        from video.qa import load_model, model_dtype
 
         self.batch_size_per_gpu = int(_parse(batch_size))
         if self.batch_size_per_gpu < 1:
@@ -112,13 +112,7 @@ class HoloPruneVideoLMM(_lmms_base()):
             local = int(os.environ.get("LOCAL_RANK", "0"))
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if dtype == "auto":
-            torch_dtype = torch.bfloat16 if self._device.type == "cuda" else torch.float32
-        elif dtype in dtypes:
-            torch_dtype = dtypes[dtype]
-        else:
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        torch_dtype = model_dtype(dtype, self._device)
         self._model, self.processor = load_model(
             str(pretrained),
             device=self._device,
