@@ -36,6 +36,7 @@ from common.runs import (
     check_device,
     check_out_dir,
     cli_exit,
+    dist_info,
     run,
 )
 from video.qa import (
@@ -105,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     def start() -> RunSummary | None:
         configure_threads(args.threads)
         check_out_dir(args.out)
-        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-        device = check_device(args.device, int(os.environ.get("LOCAL_RANK", "0")), world)
+        rank, world, local_rank = dist_info()
+        device = check_device(args.device, local_rank, world)
         check_model(args.model)
         tiny = args.model.startswith("tiny-random-")
         settings = tuple(specs) if specs else tuple(default_settings(tiny))

@@ -17,6 +17,7 @@ from .runner import (
     check_device,
     check_out_dir,
     cli_exit,
+    dist_info,
     run,
 )
 from .summary import axis_label, markdown_table, summarize_rows, write_plots
@@ -50,6 +51,7 @@ __all__ = [
     "check_device",
     "check_out_dir",
     "cli_exit",
+    "dist_info",
     "markdown_table",
     "option",
     "options_from_args",

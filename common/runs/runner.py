@@ -33,6 +33,7 @@ __all__ = [
     "check_device",
     "check_out_dir",
     "cli_exit",
+    "dist_info",
     "run",
 ]
 
@@ -212,7 +213,7 @@ def check_device(device: str, local_rank: int = 0, world: int = 1):
     return dev
 
 
-def _dist_info() -> tuple[int, int, int]:
+def dist_info() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) as torchrun announces them (1 process otherwise)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -320,7 +321,7 @@ def run(
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     if shard is None:
-        rank, world, local_rank = _dist_info()
+        rank, world, local_rank = dist_info()
         barrier = world > 1
     else:
         (rank, world), local_rank, barrier = shard, 0, False
