@@ -26,7 +26,13 @@ import torch
 
 from common.checks import budget, check_finite, check_range, check_ratio, check_tensor
 from common.selection import divprune_select
-from video.holitom.outer import LAYOUTS, OuterMergeResult, arrange_tokens, outer_merge
+from video.holitom.outer import (
+    LAYOUTS,
+    OuterMergeResult,
+    _check_newline,
+    arrange_tokens,
+    outer_merge,
+)
 
 __all__ = [
     "REDUCERS",
@@ -55,12 +61,7 @@ def _check_common(features, attention, retain_ratio, layout, newline, need_atten
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "grid" and math.isqrt(n) ** 2 != n:
         raise ValueError(f"layout='grid' needs a square grid, got N={n} tokens")
-    if newline is not None:
-        newline = check_tensor("newline", newline, (1, 2), floating=True).reshape(-1)
-        if newline.shape[0] != d:
-            raise ValueError(f"newline must be [D={d}], got {tuple(newline.shape)}")
-        newline = newline.to(x.device)
-    return x, attention, newline
+    return x, attention, _check_newline(newline, d, x.device)
 
 
 def _result(x, tokens, frame, pos, size, key, layout, newline, every_row, retain_ratio):
