@@ -57,6 +57,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from threed.voxels import unique_voxels
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -383,14 +385,7 @@ def voxelize(xyz: Tensor, voxel_size: float) -> tuple[Tensor, Tensor]:
     if xyz.ndim != 2 or xyz.shape[1] != 3 or xyz.shape[0] == 0:
         raise ValueError(f"xyz must be a non-empty [N, 3], got shape {tuple(xyz.shape)}")
     c = torch.round(xyz / voxel_size).long()
-    c = c - c.min(0).values
-    span = c.max(0).values + 1
-    keys = (c[:, 0] * span[1] + c[:, 1]) * span[2] + c[:, 2]
-    uniq, inverse = torch.unique(keys, return_inverse=True)
-    coords = torch.stack(
-        [uniq // (span[1] * span[2]), (uniq // span[2]) % span[1], uniq % span[2]], 1
-    )
-    return inverse, coords
+    return unique_voxels(c - c.min(0).values)
 
 
 @dataclass

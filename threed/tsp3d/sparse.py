@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from threed.voxels import unique_voxels
+
 __all__ = [
     "spconv_modules",
     "make_tensor",
@@ -358,10 +360,7 @@ def voxelize(
         )
         * coarsest_stride
     ).tolist()
-    ext = grid.max(0).values + 1
-    key = (grid[:, 0] * ext[1] + grid[:, 1]) * ext[2] + grid[:, 2]
-    ukey, inverse = torch.unique(key, return_inverse=True)
-    uniq = torch.stack([ukey // (ext[1] * ext[2]), (ukey // ext[2]) % ext[1], ukey % ext[2]], 1)
+    inverse, uniq = unique_voxels(grid)
     if uniq.shape[0] < 2:
         raise ValueError(
             "points fall into a single voxel; nothing to ground (use a smaller voxel_size)"
