@@ -19,10 +19,10 @@ PASSIVE
 =============================  =====================  =======================
 
 So the scripts default to one thread (:data:`DEFAULT_THREADS`; ``--threads``
-to change it) and ``scripts/eval_scannet.py`` and ``scripts/train_grounding.py``
-set ``OMP_WAIT_POLICY=PASSIVE`` before torch loads (unless the user set it), so
-``--threads N`` does not spin either. An idle machine was not available to
-measure what one thread costs there; on an idle many-core machine
+to change it) and ``scripts/eval_scannet.py``, ``scripts/train_grounding.py`` and
+``scripts/video_qa.py`` set ``OMP_WAIT_POLICY=PASSIVE`` before torch loads (unless
+the user set it), so ``--threads N`` does not spin either. An idle machine was
+not available to measure what one thread costs there; on an idle many-core machine
 ``--threads 0`` (one per core) is the faster choice.
 """
 
