@@ -37,7 +37,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from benchmarks.engine import random_decoder
 from common.benchmark import compare
 from common.clustering import dpc_knn
 from video.holitom import outer_merge, outer_merge_batch
@@ -187,18 +186,19 @@ def outer_stage_rows(quick: bool = False) -> list[dict]:
 def outer_share_rows(quick: bool = False) -> list[dict]:
     """The outer stage's cost as a share of the unpruned prefill of the tiny
     LLaVA-OV-shaped decoder, on that model's own feature width."""
-    hidden, layers, inter, heads, kv_heads = 512, 8, 1408, 8, 2
+    from benchmarks.video_prefill import HEADS, HIDDEN, INTER, KV_HEADS, LAYERS, _decoder
+
     frames, tokens, text = (16, 196, 64) if quick else (32, 196, 64)
     repeats = 2 if quick else 3
-    model = random_decoder(hidden, layers, inter, heads, kv_heads)
-    x, att = synthetic_clip(0, frames, tokens, hidden)
-    newline = torch.randn(hidden, generator=torch.Generator().manual_seed(99))
+    model = _decoder()
+    x, att = synthetic_clip(0, frames, tokens, HIDDEN)
+    newline = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(99))
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(10, 1000, (1, text), generator=g)
     with torch.no_grad():
         emb = model.get_input_embeddings()(ids)
     seq = torch.cat(
-        [emb[:, : text // 2], x.reshape(1, -1, hidden), newline[None, None], emb[:, text // 2 :]], 1
+        [emb[:, : text // 2], x.reshape(1, -1, HIDDEN), newline[None, None], emb[:, text // 2 :]], 1
     )
 
     def prefill():
@@ -213,9 +213,9 @@ def outer_share_rows(quick: bool = False) -> list[dict]:
     return [
         {
             "name": "video/outer_vs_prefill",
-            "model": f"Qwen2 d={hidden} L={layers} m={inter} heads={heads}/{kv_heads} fp32 sdpa",
+            "model": f"Qwen2 d={HIDDEN} L={LAYERS} m={INTER} heads={HEADS}/{KV_HEADS} fp32 sdpa",
             "sequence_tokens": int(seq.shape[1]),
-            "outer_shape": f"[{frames}, {tokens}, {hidden}] float32",
+            "outer_shape": f"[{frames}, {tokens}, {HIDDEN}] float32",
             "tokens_after_outer": outer().num_tokens,
             "prefill_median_s": timing["baseline"]["median_s"],
             "outer_median_s": timing["method"]["median_s"],
