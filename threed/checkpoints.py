@@ -47,8 +47,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", what: str = "ch
                 "unpickling those could run code from the file"
             )
         else:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            reason = f"torch.load could not read it ({first[:160]})"
+            reason = f"torch.load could not read it ({_first_line(e)})"
         raise CheckpointError(f"{p} is not a {what}: {reason}") from None
 
 
@@ -63,8 +62,13 @@ def _read_safetensors(p: Path, map_location: Any, what: str) -> dict:
     try:
         return load_file(str(p), device=device)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{p} is not a {what}: {first[:160]}") from None
+        raise CheckpointError(f"{p} is not a {what}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    """The first line of the error (160 characters at most), or its type's name."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:160]
 
 
 def missing_keys_message(path: str | Path, what: str, missing: list[str], found: list[str]) -> str:
