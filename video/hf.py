@@ -515,21 +515,14 @@ class VideoReduceHandle(MethodHandle):
             "reduced": short.reduced,
         }
 
-    def _prepare_inner(self, short: ShortInputs) -> None:
+    def _set_inner(self, spans: list | None, sizes: Tensor | None) -> None:
+        """Hand the inner stage this prefill's video spans and token sizes (``None``: release)."""
         if self.inner is None:
             return
-        self.inner.set_spans(short.spans)
+        self.inner.set_spans(spans)
         set_sizes = getattr(self.inner, "set_sizes", None)
         if callable(set_sizes):
-            set_sizes(short.sizes)
-
-    def _release_inner(self) -> None:
-        if self.inner is None:
-            return
-        self.inner.set_spans(None)
-        set_sizes = getattr(self.inner, "set_sizes", None)
-        if callable(set_sizes):
-            set_sizes(None)
+            set_sizes(sizes)
 
     # ------------------------------------------------------------------ hooks
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -555,7 +548,7 @@ class VideoReduceHandle(MethodHandle):
             cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
             if cache is not None:
                 live.cache = weakref.ref(cache)
-        self._release_inner()
+        self._set_inner(None, None)
 
     def _prefill_kwargs(self, kwargs: dict, cache: Any) -> dict:
         video_keys = (
@@ -605,7 +598,7 @@ class VideoReduceHandle(MethodHandle):
             shift=shift,
             next_pos=next_pos,
         )
-        self._prepare_inner(short)
+        self._set_inner(short.spans, short.sizes)
         return new
 
     def _decode_kwargs(self, kwargs: dict, live: _Live, past: int) -> dict:
