@@ -98,6 +98,7 @@ class HoloPruneVideoLMM(_lmms_base()):
         else:
             self.task_dict: dict = {}
         from common.methods import build_method
+        from common.runs import dist_info
         from video.qa import load_model, model_dtype
 
         self.batch_size_per_gpu = int(_parse(batch_size))
@@ -106,10 +107,8 @@ class HoloPruneVideoLMM(_lmms_base()):
         self.max_frames_num = int(_parse(max_frames_num))
         self.fps = None if fps in (None, "", "none") else float(_parse(fps))
         self.max_new_tokens = int(_parse(max_new_tokens))
-        self._rank = int(os.environ.get("RANK", "0"))
-        self._world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self._rank, self._world_size, local = dist_info()
         if device is None:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
         torch_dtype = model_dtype(dtype, self._device)
