@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from common.checks import check_count
+from common.engine.attention import rotate_half
 from common.scores import attention_received_from_qk
 
 __all__ = ["VisionAttentionRecorder", "record_vision_attention", "layer_for_feature_layer"]
@@ -70,11 +71,6 @@ def _find_layers(tower: nn.Module) -> tuple[nn.ModuleList, str]:
         f"{type(tower).__name__} has no list of attention layers with self_attn.q_proj/k_proj "
         "(SigLIP / CLIP) or attn.qkv (Qwen2-VL)"
     )
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class VisionAttentionRecorder:
@@ -183,8 +179,8 @@ class VisionAttentionRecorder:
             cos_sin = (emb.cos(), emb.sin())
         cos, sin = (t.float()[:, None, :] for t in cos_sin)
         # rotary in float32 and back, as the model's own vision rotary
-        q = (q.float() * cos + _rotate_half(q.float()) * sin).to(q.dtype)
-        k = (k.float() * cos + _rotate_half(k.float()) * sin).to(k.dtype)
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(q.dtype)
+        k = (k.float() * cos + rotate_half(k.float()) * sin).to(k.dtype)
         cu = self._kwargs.get("cu_seqlens")
         if cu is None:
             raise RuntimeError("no cu_seqlens reached the layer")

@@ -27,20 +27,26 @@ from torch import Tensor, nn
 
 from common.checks import check_tensor
 
-__all__ = ["attention_rows", "normalize_query_index"]
+__all__ = [
+    "apply_llama_rotary",
+    "attention_rows",
+    "normalize_query_index",
+    "rotate_half",
+]
 
 logger = logging.getLogger(__name__)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
+def rotate_half(x: Tensor) -> Tensor:
+    """``[..., hd]`` -> ``(-x2, x1)`` of its two halves (Llama-style rotary helper)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _default_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def apply_llama_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Llama-style rotary on ``x [B, H, n, hd]`` with ``cos, sin [B, n, hd]``."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + _rotate_half(x) * sin
+    return x * cos + rotate_half(x) * sin
 
 
 def _mrope_section(attn: nn.Module) -> list[int] | None:
@@ -71,7 +77,7 @@ def _apply_rotary(attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Tenso
             return fn(x, x, cos, sin)[0]
         except TypeError:  # unusual signature: use the standard formula
             logger.debug("apply_rotary_pos_emb of %s has an unusual signature", type(attn))
-    return _default_rotary(x, cos, sin)
+    return apply_llama_rotary(x, cos, sin)
 
 
 def normalize_query_index(

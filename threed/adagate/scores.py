@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from common.engine.attention import apply_llama_rotary
+
 __all__ = ["faithful_last_row_scores", "adaptive_counts", "smooth_scores"]
 
 
@@ -75,9 +77,8 @@ def faithful_last_row_scores(
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    # rotary in x's dtype, as the author code casts cos / sin before applying it
+    return apply_llama_rotary(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
 def smooth_scores(current: Tensor, previous: Tensor | None) -> Tensor:
